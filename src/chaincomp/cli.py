@@ -1,0 +1,180 @@
+"""``chaincomp <command> [hydra overrides...]``.
+
+Each command is a Hydra app over ``conf/`` (so every key can be overridden from the shell and
+``hydra.run.dir=...`` chooses the run directory), writes ``summary.json`` into its run
+directory and logs to MLflow.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from chaincomp.errors import ChaincompError
+from chaincomp.utils import write_json
+
+SUMMARY_KEYS = (
+    "task",
+    "metric_name",
+    "val_metric",
+    "test_metric",
+    "macs",
+    "bitops",
+    "params",
+    "mlflow_run_id",
+)
+
+
+def config_dir() -> Path:
+    """``conf/`` shipped inside the package (wheel) or at the repository root (editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ChaincompError(f"config directory not found next to {here}")
+
+
+def _output_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.4e}"
+    if isinstance(value, int) and abs(value) >= 1e4:
+        return f"{value:.4e}"
+    return "-" if value is None else str(value)
+
+
+def print_summary(title: str, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("key")
+    table.add_column("value", justify="right")
+    for key, value in summary.items():
+        table.add_row(key, _fmt(value))
+    Console().print(table)
+
+
+def cmd_train(cfg: DictConfig) -> dict[str, Any]:
+    """Train the baseline of ``data`` x ``model``; log it; write summary.json."""
+    from chaincomp.pipeline import tracker_for, train_baseline
+
+    out = _output_dir()
+    tracker = tracker_for(cfg)
+    name = (
+        cfg.tracking.get("run_name") or f"train {cfg.data.name} {cfg.model.get('name', '')}".strip()
+    )
+    with tracker.run(name=name, tags={"chaincomp.command": "train"}) as run:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        run.log_params(resolved)  # type: ignore[arg-type]
+        run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        summary = train_baseline(cfg, out, run)
+        run.log_metrics({k: v for k, v in summary.items() if k not in ("epochs",)})
+        write_json(out / "summary.json", summary)
+        run.log_artifact(out / "summary.json")
+    print_summary(f"baseline: {summary['dataset']} / {summary['model']}", summary)
+    return summary
+
+
+def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
+    """Print the per-layer cost table of the configured model at the data's input size."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from chaincomp.pipeline import build_data, build_net, cost_of, tracker_for
+
+    out = _output_dir()
+    dm = build_data(cfg)
+    net = build_net(cfg, dm)
+    report = cost_of(net, dm)
+    table = Table(
+        title=f"cost per sample: {cfg.model.get('name', '')} at {dm.in_channels}x{dm.image_size[0]}x{dm.image_size[1]}"
+    )
+    for col in ("layer", "kind", "MACs", "params", "w bits", "a bits", "BitOps"):
+        table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
+    for layer in report.layers:
+        table.add_row(layer.name, layer.kind, f"{layer.macs:,}", f"{layer.params:,}", str(layer.weight_bits),
+                      str(layer.act_bits), f"{layer.bitops:.4e}")  # fmt: skip
+    table.add_section()
+    table.add_row(
+        "total", "", f"{report.macs:,}", f"{report.params:,}", "", "", f"{report.bitops:.4e}"
+    )
+    Console().print(table)
+    tracker = tracker_for(cfg)
+    with tracker.run(
+        name=f"cost {cfg.model.get('name', '')}", tags={"chaincomp.command": "cost"}
+    ) as run:
+        run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        summary = {
+            "task": dm.task.name,
+            "metric_name": dm.task.metric_name,
+            "val_metric": None,
+            "test_metric": None,
+            "macs": report.macs,
+            "bitops": report.bitops,
+            "params": report.params,
+            "size_mb": report.size_mb,
+            "layers": report.rows(),
+            "mlflow_run_id": run.run_id,
+        }
+        run.log_metrics({k: summary[k] for k in ("macs", "bitops", "params", "size_mb")})
+        write_json(out / "summary.json", summary)
+        run.log_artifact(out / "summary.json")
+    return summary
+
+
+COMMANDS: dict[str, Callable[[DictConfig], Any]] = {"train": cmd_train, "cost": cmd_cost}
+
+USAGE = """usage: chaincomp <command> [key=value ...] [hydra options]
+
+commands:
+  train   train the baseline of data x model (e.g. chaincomp train data=digits model=small_cnn)
+  cost    print the per-layer MACs / params / BitOps table of a model
+
+Every key of conf/ can be overridden (data=fashion_mnist model=resnet18 trainer.max_epochs=5);
+hydra.run.dir=... chooses the run directory; --cfg job prints the composed config.
+"""
+
+
+def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    try:
+        return fn(cfg)
+    except ChaincompError as exc:
+        print(f"chaincomp {command}: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import hydra
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, overrides = args[0], args[1:]
+    if command not in COMMANDS:
+        print(
+            f"chaincomp: error: command: unknown {command!r}; allowed: {', '.join(COMMANDS)}",
+            file=sys.stderr,
+        )
+        return 2
+    task = functools.partial(_guarded, command, COMMANDS[command])
+    functools.update_wrapper(task, COMMANDS[command])
+    sys.argv = [f"chaincomp-{command}", *overrides, f"hydra.job.name={command}"]
+    app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(task)
+    app()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

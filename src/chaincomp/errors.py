@@ -1,0 +1,31 @@
+"""Error types. Every user-facing error names the offending key and what is allowed."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+
+class ChaincompError(Exception):
+    """Base class of the errors chaincomp raises on bad input."""
+
+
+class ConfigError(ChaincompError, ValueError):
+    """A configuration value is invalid.
+
+    The message always has the form ``<key>: <problem>; allowed: <allowed values>``.
+    """
+
+    def __init__(self, key: str, problem: str, allowed: str | Iterable[object] | None = None):
+        self.key = key
+        self.problem = problem
+        if allowed is not None and not isinstance(allowed, str):
+            allowed = ", ".join(str(a) for a in allowed)
+        self.allowed = allowed
+        msg = f"{key}: {problem}"
+        if allowed:
+            msg += f"; allowed: {allowed}"
+        super().__init__(msg)
+
+
+class DataError(ChaincompError, RuntimeError):
+    """Data could not be found or decoded. The message says which key/file and how to fix it."""

@@ -1,0 +1,90 @@
+"""CompressibleModule: the one LightningModule for every task and every compression stage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+
+from chaincomp.optim import OptimConfig
+from chaincomp.tasks import Task
+
+# A loss term a stage contributes: (module, inputs, outputs, target) -> scalar tensor.
+LossTerm = Callable[["CompressibleModule", Tensor, Tensor, Tensor], Tensor]
+
+
+class CompressibleModule(pl.LightningModule):
+    """Holds ``net`` and the task; trains, validates and tests it.
+
+    Contract:
+    - ``forward(x)`` is ``net(x)``: the task head's output.
+    - The training loss is ``task.loss(outputs, target)`` plus every term in ``loss_terms``
+      (stages add and remove their own terms by name; e.g. a KD term, exit-head terms).
+    - ``val/<metric>`` and ``test/<metric>`` are logged per epoch in the task's unit
+      (accuracy in %, MAE in degrees); ``train/loss`` per step.
+    - On CUDA the net and batches use channels_last; mixed precision is the Trainer's setting.
+    """
+
+    def __init__(self, net: nn.Module, task: Task, optim: OptimConfig, channels_last: bool = True):
+        super().__init__()
+        self.net = net
+        self.task = task
+        self.optim_cfg = optim
+        self.channels_last = channels_last
+        self.loss_terms: dict[str, LossTerm] = {}
+        self.val_metric = task.make_metric()
+        self.test_metric = task.make_metric()
+
+    @property
+    def metric_name(self) -> str:
+        return self.task.metric_name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def on_fit_start(self) -> None:
+        if self.channels_last and self.device.type == "cuda":
+            self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, target = batch
+        outputs = self(x)
+        loss = self.task.loss(outputs, target)
+        for name, term in self.loss_terms.items():
+            extra = term(self, x, outputs, target)
+            self.log(f"train/loss_{name}", extra, on_step=True, on_epoch=False)
+            loss = loss + extra
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, target = batch
+        self.task.update_metric(self.val_metric, self(x), target)
+        self.log(
+            f"val/{self.metric_name}", self.val_metric, on_step=False, on_epoch=True, prog_bar=True
+        )
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, target = batch
+        self.task.update_metric(self.test_metric, self(x), target)
+        self.log(f"test/{self.metric_name}", self.test_metric, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        steps = int(self.trainer.estimated_stepping_batches)
+        opt, sched = self.optim_cfg.build(params, steps)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    @torch.no_grad()
+    def evaluate(self, batches: Any) -> float:
+        """The task metric of ``net`` over ``batches`` (eval mode, no Trainer needed)."""
+        metric = self.task.make_metric().to(self.device)
+        was_training = self.training
+        self.eval()
+        for x, target in batches:
+            self.task.update_metric(metric, self(x), target)
+        self.train(was_training)
+        return float(metric.compute())

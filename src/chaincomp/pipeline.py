@@ -1,0 +1,218 @@
+"""Building blocks shared by every command: config -> data, net, module, trainer; measure; train.
+
+``train_baseline(cfg)`` is what ``chaincomp train`` runs; the chain runner and the search reuse the
+same functions, so there is one training path.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from chaincomp.cost import CostReport, count_cost
+from chaincomp.data import ChainDataModule, DataConfig
+from chaincomp.errors import ConfigError
+from chaincomp.models import build_model
+from chaincomp.module import CompressibleModule
+from chaincomp.optim import OptimConfig
+from chaincomp.tracking import MlflowMetricsCallback, Run, TrackingConfig, make_tracker
+from chaincomp.utils import atomic_write, seed_everything
+
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """Lightning Trainer settings (``conf/trainer``). ``precision: auto`` = bf16-mixed on CUDA,
+    32-true elsewhere; ``channels_last`` applies on CUDA only."""
+
+    max_epochs: int = 10
+    accelerator: str = "auto"
+    devices: int = 1
+    precision: str = "auto"
+    channels_last: bool = True
+    gradient_clip_val: float | None = None
+    limit_train_batches: float | int | None = None
+    check_val_every_n_epoch: int = 1
+    log_every_n_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_epochs < 0:
+            raise ConfigError("trainer.max_epochs", f"{self.max_epochs} is negative", ">= 0")
+        if self.accelerator not in ACCELERATORS:
+            raise ConfigError("trainer.accelerator", f"unknown {self.accelerator!r}", ACCELERATORS)
+        if str(self.precision) not in PRECISIONS:
+            raise ConfigError("trainer.precision", f"unknown {self.precision!r}", PRECISIONS)
+        if self.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+            raise ConfigError(
+                "trainer.accelerator",
+                f"{self.accelerator} requested but no CUDA device",
+                "auto, cpu",
+            )
+
+    @property
+    def uses_cuda(self) -> bool:
+        return self.accelerator in ("gpu", "cuda") or (
+            self.accelerator == "auto" and torch.cuda.is_available()
+        )
+
+    def resolved_precision(self) -> str:
+        if self.precision != "auto":
+            return str(self.precision)
+        return "bf16-mixed" if self.uses_cuda else "32-true"
+
+    def make(
+        self, callbacks: Sequence[pl.Callback] = (), max_epochs: int | None = None
+    ) -> pl.Trainer:
+        return pl.Trainer(
+            max_epochs=self.max_epochs if max_epochs is None else max_epochs,
+            accelerator=self.accelerator,
+            devices=self.devices,
+            precision=self.resolved_precision(),  # type: ignore[arg-type]
+            gradient_clip_val=self.gradient_clip_val,
+            limit_train_batches=self.limit_train_batches,
+            check_val_every_n_epoch=self.check_val_every_n_epoch,
+            log_every_n_steps=self.log_every_n_steps,
+            enable_progress_bar=self.enable_progress_bar,
+            deterministic=self.deterministic,
+            callbacks=list(callbacks),
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+        )
+
+
+def _section(cfg: DictConfig | Mapping[str, Any], key: str) -> dict[str, Any]:
+    node = cfg.get(key) if isinstance(cfg, Mapping) else None
+    if node is None:
+        raise ConfigError(key, "missing section", f"a {key} group in conf/{key}/")
+    if isinstance(node, DictConfig):
+        return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+    return dict(node)
+
+
+def _checked(cls: type, section: str, values: dict[str, Any]) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{section}.{unknown[0]}", "unknown key", sorted(known))
+    return cls(**values)
+
+
+def trainer_config(cfg: DictConfig) -> TrainerConfig:
+    return _checked(TrainerConfig, "trainer", _section(cfg, "trainer"))
+
+
+def optim_config(cfg: DictConfig) -> OptimConfig:
+    return _checked(OptimConfig, "optim", _section(cfg, "optim"))
+
+
+def tracking_config(cfg: DictConfig) -> TrackingConfig:
+    return _checked(TrackingConfig, "tracking", _section(cfg, "tracking"))
+
+
+def build_data(cfg: DictConfig) -> ChainDataModule:
+    dm = ChainDataModule(DataConfig.from_dict(_section(cfg, "data")))
+    dm.setup()
+    return dm
+
+
+def build_net(cfg: DictConfig, dm: ChainDataModule) -> nn.Module:
+    return build_model(_section(cfg, "model"), dm.in_channels, dm.num_outputs, dm.image_size)
+
+
+def build_module(
+    cfg: DictConfig, dm: ChainDataModule, net: nn.Module | None = None
+) -> CompressibleModule:
+    tcfg = trainer_config(cfg)
+    dm.channels_last = tcfg.channels_last and tcfg.uses_cuda
+    return CompressibleModule(
+        net if net is not None else build_net(cfg, dm),
+        dm.task,
+        optim_config(cfg),
+        tcfg.channels_last,
+    )
+
+
+def fit(
+    module: CompressibleModule,
+    dm: ChainDataModule,
+    tcfg: TrainerConfig,
+    callbacks: Sequence[pl.Callback] = (),
+    max_epochs: int | None = None,
+) -> float:
+    """Train ``module`` with one ``Trainer.fit``; returns the wall time in seconds."""
+    epochs = tcfg.max_epochs if max_epochs is None else max_epochs
+    if epochs == 0:
+        return 0.0
+    trainer = tcfg.make(callbacks, max_epochs=epochs)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    return time.perf_counter() - start
+
+
+def cost_of(net: nn.Module, dm: ChainDataModule) -> CostReport:
+    return count_cost(net, dm.example_input(1))
+
+
+def measure(
+    module: CompressibleModule, dm: ChainDataModule, splits: Sequence[str] = ("val", "test")
+) -> dict[str, Any]:
+    """Metric on each split plus the cost totals: the foundation keys of every summary row."""
+    device = next(module.parameters()).device
+    row: dict[str, Any] = {f"{s}_metric": module.evaluate(dm.loader(s, device)) for s in splits}
+    report = cost_of(module.net, dm)
+    row.update(macs=report.macs, bitops=report.bitops, params=report.params, size_mb=report.size_mb)
+    return row
+
+
+def save_weights(net: nn.Module, path: str | Path) -> Path:
+    """Atomically save ``net``'s state dict (load it back with ``weights_only=True``)."""
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    return atomic_write(path, lambda p: torch.save(state, p))
+
+
+def train_baseline(
+    cfg: DictConfig, output_dir: str | Path, run: Run | None = None
+) -> dict[str, Any]:
+    """Train the configured model on the configured data; measure, save and log it.
+
+    Returns the summary (the keys every command writes: task, metric_name, val_metric,
+    test_metric, macs, bitops, params, mlflow_run_id, plus size_mb, train_time_s, checkpoint).
+    """
+    seed_everything(int(cfg.get("seed", 0)))
+    tcfg = trainer_config(cfg)
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    callbacks = [MlflowMetricsCallback(run, prefix="baseline/")] if run is not None else []
+    train_time = fit(module, dm, tcfg, callbacks)
+    row = measure(module, dm)
+    ckpt = save_weights(module.net, Path(output_dir) / "baseline.pt")
+    return {
+        "task": dm.task.name,
+        "metric_name": dm.task.metric_name,
+        "higher_is_better": dm.task.higher_is_better,
+        "dataset": dm.cfg.name,
+        "model": str(cfg.model.get("name", cfg.model.get("_target_"))),
+        **row,
+        "train_time_s": train_time,
+        "epochs": tcfg.max_epochs,
+        "checkpoint": str(ckpt),
+        "mlflow_run_id": run.run_id if run is not None else None,
+    }
+
+
+def tracker_for(cfg: DictConfig):  # type: ignore[no-untyped-def]
+    return make_tracker(tracking_config(cfg))
