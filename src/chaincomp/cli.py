@@ -53,8 +53,14 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else str(value)
 
 
-def print_summary(title: str, summary: dict[str, Any]) -> None:
+def console():  # type: ignore[no-untyped-def]
+    """A rich console that does not truncate tables when stdout is a file or pipe."""
     from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def print_summary(title: str, summary: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title=title)
@@ -62,7 +68,7 @@ def print_summary(title: str, summary: dict[str, Any]) -> None:
     table.add_column("value", justify="right")
     for key, value in summary.items():
         table.add_row(key, _fmt(value))
-    Console().print(table)
+    console().print(table)
 
 
 def cmd_train(cfg: DictConfig) -> dict[str, Any]:
@@ -88,7 +94,6 @@ def cmd_train(cfg: DictConfig) -> dict[str, Any]:
 
 def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
     """Print the per-layer cost table of the configured model at the data's input size."""
-    from rich.console import Console
     from rich.table import Table
 
     from chaincomp.pipeline import build_data, build_net, cost_of, tracker_for
@@ -109,7 +114,7 @@ def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
     table.add_row(
         "total", "", f"{report.macs:,}", f"{report.params:,}", "", "", f"{report.bitops:.4e}"
     )
-    Console().print(table)
+    console().print(table)
     tracker = tracker_for(cfg)
     with tracker.run(
         name=f"cost {cfg.model.get('name', '')}", tags={"chaincomp.command": "cost"}

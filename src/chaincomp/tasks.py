@@ -109,7 +109,7 @@ def rotate(x: Tensor, degrees: Tensor) -> Tensor:
     """Rotate each image of ``x`` (B, C, H, W) counter-clockwise by ``degrees`` (B,), zero fill."""
     rad = degrees.to(x.dtype) * (math.pi / 180.0)
     cos, sin, zero = rad.cos(), rad.sin(), torch.zeros_like(rad)
-    theta = torch.stack([torch.stack([cos, sin, zero], 1), torch.stack([-sin, cos, zero], 1)], 1)
+    theta = torch.stack([torch.stack([cos, -sin, zero], 1), torch.stack([sin, cos, zero], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -124,6 +124,7 @@ class Rotation(Task):
     name = "rotation"
     metric_name = "mae_deg"
     higher_is_better = False
+    LOGVAR_MIN, LOGVAR_MAX = -10.0, 4.0
 
     def __init__(self, max_deg: float = 45.0):
         if not 0 < max_deg <= 180:
@@ -150,8 +151,13 @@ class Rotation(Task):
         return rotate(x, extras), (extras / self.max_deg).to(torch.float32)
 
     def loss(self, outputs: Tensor, target: Tensor) -> Tensor:
+        """beta-NLL (Seitzer et al., 2022, beta=0.5): the Gaussian NLL weighted per sample by the
+        detached std, which keeps the mean's gradient from exploding where the predicted
+        variance is small; the optimum is still the true mean and variance."""
         mean, logvar = outputs.float().unbind(dim=1)
-        return F.gaussian_nll_loss(mean, target, logvar.clamp(-12, 6).exp(), full=False)
+        logvar = logvar.clamp(self.LOGVAR_MIN, self.LOGVAR_MAX)
+        nll = 0.5 * (logvar + (target - mean) ** 2 * torch.exp(-logvar))
+        return (nll * torch.exp(0.5 * logvar).detach()).mean()
 
     def make_metric(self) -> torchmetrics.Metric:
         return torchmetrics.MeanAbsoluteError()
@@ -160,7 +166,8 @@ class Rotation(Task):
         metric.update(outputs[:, 0].float() * self.max_deg, target * self.max_deg)
 
     def confidence(self, outputs: Tensor) -> Tensor:
-        return -(0.5 * outputs[:, 1].float().clamp(-12, 6)).exp() * self.max_deg
+        logvar = outputs[:, 1].float().clamp(self.LOGVAR_MIN, self.LOGVAR_MAX)
+        return -(0.5 * logvar).exp() * self.max_deg
 
 
 TASKS: dict[str, type[Classification] | type[Rotation]] = {

@@ -100,7 +100,6 @@ def count_cost(model: nn.Module, example: Tensor | Sequence[int]) -> CostReport:
     param = next(model.parameters(), None)
     if param is not None:
         example = example.to(param.device)
-    batch = example.shape[0]
     names = {m: n for n, m in model.named_modules()}
     found: dict[str, LayerCost] = {}
 
@@ -132,8 +131,6 @@ def count_cost(model: nn.Module, example: Tensor | Sequence[int]) -> CostReport:
         model.train(was_training)
         for h in handles:
             h.remove()
-    for layer in found.values():
-        layer.macs //= batch
     layer_modules = {m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     size_bits = 0
     seen: set[int] = set()

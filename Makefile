@@ -1,0 +1,62 @@
+# chaincomp — the usual targets. `make demo` and `make test` work on a fresh machine:
+# they create (or reuse) .venv, install torch the CPU-safe way unless one is installed, then the package.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch==2.13.0 is the CPU wheel on this project's machines; set TORCH_SPEC for another build.
+TORCH_SPEC ?= torch==2.13.0
+SHARED_DATA := $(abspath ../shared/datasets)
+# Offline copies of MNIST / Fashion-MNIST / CIFAR-10 when the checkout sits next to ../shared.
+ifneq ($(wildcard $(SHARED_DATA)/mnist),)
+export CHAINCOMP_DATA_DIR ?= $(SHARED_DATA)
+endif
+
+.PHONY: setup demo test test-slow test-gpu lint format typecheck bench clean help
+
+help:
+	@echo "make setup      create/reuse $(VENV) and install chaincomp[dev]"
+	@echo "make demo       the main job: train the baseline on the bundled digits data"
+	@echo "make test       the default test suite (fast; no slow or GPU tests)"
+	@echo "make test-slow  the long quality tests (real datasets, minutes)"
+	@echo "make lint       ruff check + format check;  make format: apply ruff format"
+	@echo "make typecheck  mypy;  make bench: training throughput vs a plain PyTorch loop"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(BIN)/chaincomp train data=digits model=small_cnn
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow
+
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: setup
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+typecheck: setup
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs outputs multirun .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,115 @@
+"""End to end through the console script: summary.json, MLflow contents, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+SUMMARY_KEYS = {
+    "task",
+    "metric_name",
+    "val_metric",
+    "test_metric",
+    "macs",
+    "bitops",
+    "params",
+    "mlflow_run_id",
+}
+
+
+def chaincomp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "chaincomp.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_train_writes_summary_and_logs_to_mlflow(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = chaincomp(
+        "train", "data=digits", "model=small_cnn", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["task"] == "classify" and summary["metric_name"] == "accuracy"
+    assert summary["val_metric"] > 80 and summary["test_metric"] > 80
+    assert summary["bitops"] == summary["macs"] * 32 * 32
+    assert (tmp_path / "mlflow.db").is_file()  # the default store: sqlite in the working directory
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["data.name"] == "digits"
+    assert run.data.params["model._target_"] == "chaincomp.models.SmallCNN"
+    assert run.data.metrics["test_metric"] == pytest.approx(summary["test_metric"])
+    assert "baseline/val/accuracy" in run.data.metrics  # per-epoch metrics from the Trainer
+    history = client.get_metric_history(run.info.run_id, "baseline/val/accuracy")
+    assert [m.step for m in history] == [0, 1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "summary.json"} <= artifacts
+    assert (run_dir / "baseline.pt").is_file()
+
+
+def test_cost_command_prints_table_and_writes_summary(tmp_path: Path) -> None:
+    proc = chaincomp(
+        "cost",
+        "model=resnet18",
+        "data=digits",
+        f"hydra.run.dir={tmp_path / 'c'}",
+        "tracking.enabled=false",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stages.3.1.conv2" in proc.stdout and "total" in proc.stdout
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert set(summary) >= SUMMARY_KEYS
+    assert summary["val_metric"] is None and summary["mlflow_run_id"] is None
+    assert summary["macs"] == sum(layer["macs"] for layer in summary["layers"])
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["train", "data=svhn"], "Could not find 'data/svhn'"),
+        (["train", "data.batch_size=0"], "data.batch_size: 0 is not positive; allowed: >= 1"),
+        (["train", "optim.name=adam"], "optim.name: unknown optimizer 'adam'; allowed: adamw, sgd"),
+        (["train", "data.colour=3"], "data.colour"),
+        (["train", "model=custom", "model._target_=torch.nn.Identity"], "does not fit the task"),
+        (["train", "data=imagefolder"], "data.path"),
+        (["frobnicate"], "command: unknown 'frobnicate'; allowed: train, cost"),
+    ],
+)
+def test_bad_input_gets_one_clear_error(tmp_path: Path, args: list[str], expected: str) -> None:
+    proc = chaincomp(*args, "tracking.enabled=false", f"hydra.run.dir={tmp_path}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_failed_run_is_marked_failed_in_mlflow(tmp_path: Path) -> None:
+    proc = chaincomp(
+        "train",
+        "data=imagefolder",
+        f"data.path={tmp_path / 'missing'}",
+        f"hydra.run.dir={tmp_path / 'r'}",
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("chaincomp")
+    runs = client.search_runs([exp.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "no imagefolder dataset there" in runs[0].data.tags["error"]

@@ -1,0 +1,383 @@
+"""Data layer: formats, resolution order, cache, splits, tasks, device batches, augmentation."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from chaincomp.data import SOURCES, Augment, ChainDataModule, DataConfig, load_raw
+from chaincomp.data.formats import read_idx
+from chaincomp.errors import ConfigError, DataError
+from chaincomp.tasks import make_task, rotate
+
+from .conftest import needs_shared
+
+
+# ------------------------------------------------------------------------------- helpers
+def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def make_idx_dataset(root: Path, n_train: int = 20, n_test: int = 8, gz: bool = True) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    sfx = ".gz" if gz else ""
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        write_idx(root / f"{prefix}-images-idx3-ubyte{sfx}", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte{sfx}", np.arange(n) % 10, gz)
+    return root
+
+
+def make_imagefolder(root: Path, size: int = 6, mode: str = "RGB", per_class: int = 3) -> Path:
+    rng = np.random.default_rng(1)
+    for split in ("train", "test"):
+        for cls in ("cat", "ant", "bee"):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(per_class):
+                shape = (size, size, 3) if mode == "RGB" else (size, size)
+                Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(
+                    d / f"{i}.png"
+                )
+    return root
+
+
+# -------------------------------------------------------------------------------- formats
+def test_digits_is_bundled_with_fixed_test_split() -> None:
+    raw = load_raw("digits")
+    assert raw.train_x.shape[1:] == (8, 8, 1) and raw.train_x.dtype == np.uint8
+    assert len(raw.train_x) + len(raw.test_x) == 1797
+    assert len(raw.test_x) == 359
+    assert raw.train_x.max() == 255
+    again = load_raw("digits")
+    np.testing.assert_array_equal(raw.test_y, again.test_y)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_dataset_from_configured_path(tmp_path: Path, gz: bool) -> None:
+    make_idx_dataset(tmp_path / "mnist", gz=gz)
+    raw = load_raw("mnist", path=str(tmp_path / "mnist"), cache_dir=tmp_path / "cache")
+    assert raw.train_x.shape == (20, 28, 28, 1)
+    assert raw.test_y.tolist() == list(range(8))
+    # a root holding the dataset folder works too
+    raw2 = load_raw("mnist", path=str(tmp_path), cache_dir=tmp_path / "cache")
+    np.testing.assert_array_equal(raw.train_x, raw2.train_x)
+
+
+def test_corrupt_idx_names_the_file(tmp_path: Path) -> None:
+    root = make_idx_dataset(tmp_path / "m")
+    bad = root / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(gzip.compress(gzip.decompress(bad.read_bytes())[:-100]))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz.*corrupt or truncated"):
+        load_raw("mnist", path=str(root), cache_dir=tmp_path / "cache")
+    bad.write_bytes(b"not a gzip at all")
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz"):
+        read_idx(bad)
+
+
+def test_bad_idx_magic(tmp_path: Path) -> None:
+    f = tmp_path / "x"
+    f.write_bytes(b"\x01\x02\x03\x04")
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(f)
+
+
+def _cifar_batch(n: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    return pickle.dumps(
+        {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": list(np.arange(n) % 10),
+        }
+    )
+
+
+def test_cifar_python_batches_dir_and_tarball(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for i in range(1, 6):
+        (d / f"data_batch_{i}").write_bytes(_cifar_batch(4, i))
+    (d / "test_batch").write_bytes(_cifar_batch(3, 9))
+    raw = load_raw("cifar10", path=str(d), cache_dir=tmp_path / "c")
+    assert raw.train_x.shape == (20, 32, 32, 3) and raw.test_x.shape == (3, 32, 32, 3)
+    # channel-major rows become HWC pixels
+    first = pickle.loads((d / "data_batch_1").read_bytes())[b"data"][0]
+    assert raw.train_x[0, 0, 0].tolist() == [first[0], first[1024], first[2048]]
+    tar = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(tar, "w:gz") as tf:
+        tf.add(d, arcname="cifar-10-batches-py")
+    raw2 = load_raw("cifar10", path=str(tar), cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(raw.train_x, raw2.train_x)
+
+
+def test_cifar_batch_with_code_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+
+    class Evil:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            return (os.system, ("true",))
+
+    for i in range(1, 6):
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": Evil(), b"labels": []}))
+    (d / "test_batch").write_bytes(_cifar_batch(3, 9))
+    with pytest.raises(DataError, match="corrupt CIFAR batch.*refusing"):
+        load_raw("cifar10", path=str(d), cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("container", ["dir", "zip", "tar.gz"])
+def test_imagefolder_containers(tmp_path: Path, container: str) -> None:
+    tree = make_imagefolder(tmp_path / "tree")
+    path = tree
+    if container == "zip":
+        path = tmp_path / "data.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            for f in sorted(tree.rglob("*.png")):
+                zf.write(f, f"data/{f.relative_to(tree).as_posix()}")
+    elif container == "tar.gz":
+        path = tmp_path / "data.tar.gz"
+        with tarfile.open(path, "w:gz") as tf:
+            tf.add(tree, arcname="data")
+    raw = load_raw("imagefolder", path=str(path), cache_dir=tmp_path / "c")
+    assert raw.classes == ["ant", "bee", "cat"]
+    assert raw.train_x.shape == (9, 6, 6, 3) and raw.test_x.shape == (9, 6, 6, 3)
+    assert sorted(raw.train_y.tolist()) == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    first = np.asarray(Image.open(tree / "train" / "ant" / "0.png"))
+    assert any((raw.train_x[i] == first).all() for i in range(9))
+
+
+def test_imagefolder_grayscale_and_resize(tmp_path: Path) -> None:
+    tree = make_imagefolder(tmp_path / "g", size=5, mode="L")
+    raw = load_raw("imagefolder", path=str(tree), cache_dir=tmp_path / "c")
+    assert raw.train_x.shape == (9, 5, 5, 1)
+    raw = load_raw(
+        "imagefolder",
+        path=str(tree),
+        cache_dir=tmp_path / "c",
+        options={"channels": 3, "image_size": 8},
+    )
+    assert raw.train_x.shape == (9, 8, 8, 3)
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    tree = make_imagefolder(tmp_path / "t")
+    Image.fromarray(np.zeros((7, 7, 3), np.uint8)).save(tree / "train" / "ant" / "odd.png")
+    with pytest.raises(DataError, match=r"different sizes.*data.image_size"):
+        load_raw("imagefolder", path=str(tree), cache_dir=tmp_path / "c")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    with pytest.raises(DataError, match="expected images at train/<class>/<image>"):
+        load_raw("imagefolder", path=str(tmp_path / "empty"), cache_dir=tmp_path / "c")
+    with pytest.raises(ConfigError, match="data.path"):
+        load_raw("imagefolder", cache_dir=tmp_path / "c")
+
+
+# -------------------------------------------------------------------- resolution + cache
+def test_unknown_dataset_lists_allowed() -> None:
+    with pytest.raises(
+        ConfigError, match=r"data.name: unknown dataset 'svhn'; allowed: cifar10, digits"
+    ):
+        load_raw("svhn")
+    with pytest.raises(ConfigError, match="data.name"):
+        DataConfig(name="svhn")
+
+
+def test_missing_dataset_says_where_it_looked_and_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CHAINCOMP_DATA_DIR", str(tmp_path / "nothing"))
+    monkeypatch.setattr(SOURCES["fashion_mnist"], "system_paths", (str(tmp_path / "sys"),))
+    with pytest.raises(DataError) as info:
+        load_raw("fashion_mnist", cache_dir=tmp_path / "c", download=False)
+    msg = str(info.value)
+    assert "data.name=fashion_mnist: dataset not found" in msg
+    assert str(tmp_path / "nothing") in msg and str(tmp_path / "sys") in msg
+    assert "downloads are off" in msg and "apt-get install dataset-fashion-mnist" in msg
+
+
+def test_resolution_order_env_then_cache_then_system(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sys_dir = make_idx_dataset(tmp_path / "sys" / "fashion-mnist", n_train=12)
+    cache_dir = tmp_path / "cache"
+    monkeypatch.setattr(SOURCES["fashion_mnist"], "system_paths", (str(sys_dir),))
+    monkeypatch.setenv("CHAINCOMP_DATA_DIR", str(tmp_path / "empty"))
+    assert len(load_raw("fashion_mnist", cache_dir=cache_dir).train_x) == 12  # system path
+    make_idx_dataset(cache_dir / "raw" / "fashion-mnist", n_train=14)
+    assert len(load_raw("fashion_mnist", cache_dir=cache_dir).train_x) == 14  # cache beats system
+    make_idx_dataset(tmp_path / "env" / "fashion-mnist", n_train=16)
+    monkeypatch.setenv("CHAINCOMP_DATA_DIR", str(tmp_path / "env"))
+    assert len(load_raw("fashion_mnist", cache_dir=cache_dir).train_x) == 16  # env beats cache
+    make_idx_dataset(tmp_path / "cfg", n_train=18)
+    assert (
+        len(load_raw("fashion_mnist", path=str(tmp_path / "cfg"), cache_dir=cache_dir).train_x)
+        == 18
+    )
+
+
+def test_decoded_cache_skips_decoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = make_idx_dataset(tmp_path / "m")
+    first = load_raw("mnist", path=str(root), cache_dir=tmp_path / "c")
+    files = list((tmp_path / "c" / "decoded").glob("mnist-*.npz"))
+    assert len(files) == 1
+
+    def boom(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("decoded again")
+
+    monkeypatch.setattr(SOURCES["mnist"], "read", boom)
+    second = load_raw("mnist", path=str(root), cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(first.train_x, second.train_x)
+    assert second.classes == first.classes
+    monkeypatch.undo()
+    files[0].write_bytes(b"garbage")  # a corrupt cache entry is rebuilt, not fatal
+    third = load_raw("mnist", path=str(root), cache_dir=tmp_path / "c")
+    np.testing.assert_array_equal(first.train_x, third.train_x)
+    # changed source files give a new cache key
+    make_idx_dataset(root, n_train=22)
+    assert len(load_raw("mnist", path=str(root), cache_dir=tmp_path / "c").train_x) == 22
+
+
+@needs_shared
+@pytest.mark.parametrize(
+    "name,shape,classes", [("mnist", (28, 28, 1), 10), ("fashion_mnist", (28, 28, 1), 10)]
+)
+def test_real_idx_datasets_from_shared(name: str, shape: tuple[int, ...], classes: int) -> None:
+    raw = load_raw(name)
+    assert raw.train_x.shape == (60000, *shape) and raw.test_x.shape == (10000, *shape)
+    assert len(raw.classes) == classes
+    assert np.bincount(raw.test_y).tolist() == (
+        [1000] * 10 if name == "fashion_mnist" else np.bincount(raw.test_y).tolist()
+    )
+
+
+# ----------------------------------------------------------------------- splits + tasks
+def test_datamodule_split_is_seeded_and_disjoint() -> None:
+    dm = ChainDataModule(DataConfig(name="digits", val_size=0.2, split_seed=3))
+    dm.setup()
+    n_total = dm.split_size("train") + dm.split_size("val")
+    assert n_total == 1797 - 359 and dm.split_size("test") == 359
+    dm2 = ChainDataModule(DataConfig(name="digits", val_size=0.2, split_seed=3))
+    dm2.setup()
+    x1 = next(iter(dm.loader("val", "cpu")))[0]
+    x2 = next(iter(dm2.loader("val", "cpu")))[0]
+    torch.testing.assert_close(x1, x2)
+    assert dm._splits is not None
+    train = {bytes(r) for r in dm._splits["train"][0].numpy()}
+    val = {bytes(r) for r in dm._splits["val"][0].numpy()}
+    assert (
+        len(train) + len(val) - len(train & val) > 0.95 * n_total
+    )  # (digits has a few duplicate images)
+    dm3 = ChainDataModule(DataConfig(name="digits", val_size=0.2, split_seed=4))
+    dm3.setup()
+    assert not torch.equal(next(iter(dm3.loader("val", "cpu")))[0], x1)
+
+
+def test_eval_loader_covers_every_sample_once_and_train_drops_last() -> None:
+    dm = ChainDataModule(DataConfig(name="digits", batch_size=100, eval_batch_size=50))
+    dm.setup()
+    n = dm.split_size("test")
+    ys = torch.cat([y for _, y in dm.loader("test", "cpu")])
+    assert len(ys) == n
+    train = dm.loader("train", "cpu")
+    assert len(train) == dm.split_size("train") // 100
+    assert all(len(y) == 100 for _, y in train)
+
+
+def test_normalisation_uses_train_statistics() -> None:
+    dm = ChainDataModule(DataConfig(name="digits"))
+    dm.setup()
+    xs = torch.cat([x for x, _ in dm.loader("train", "cpu", train=False)])
+    assert xs.mean().item() == pytest.approx(0.0, abs=1e-4)
+    assert xs.std().item() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_train_shuffle_is_reproducible_and_changes_each_pass() -> None:
+    dm = ChainDataModule(DataConfig(name="digits", seed=7))
+    loader = dm.loader("train", "cpu")
+    a = [y for _, y in loader]
+    b = [y for _, y in loader]
+    assert not all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
+    again = ChainDataModule(DataConfig(name="digits", seed=7)).loader("train", "cpu")
+    assert all(torch.equal(p, q) for p, q in zip(a, [y for _, y in again], strict=True))
+
+
+def test_rotation_task_targets() -> None:
+    dm = ChainDataModule(DataConfig(name="digits", task="rotation"))
+    dm.setup()
+    assert dm.num_outputs == 2 and dm.task.metric_name == "mae_deg"
+    val_a = torch.cat([t for _, t in dm.loader("val", "cpu")])
+    val_b = torch.cat([t for _, t in dm.loader("val", "cpu")])
+    torch.testing.assert_close(val_a, val_b)  # fixed per sample
+    assert val_a.abs().max() <= 1.0 and val_a.std() > 0.4  # U(-1, 1) in units of 45 degrees
+    train = dm.loader("train", "cpu")
+    first = torch.cat([t for _, t in train])
+    second = torch.cat([t for _, t in train])
+    assert not torch.allclose(first, second)  # redrawn every pass
+    assert first.abs().max() <= 1.0
+
+
+def test_rotate_is_a_real_rotation() -> None:
+    img = torch.zeros(1, 1, 9, 9)
+    img[0, 0, 1, 4] = 1.0  # a dot above the centre
+    torch.testing.assert_close(rotate(img, torch.tensor([0.0])), img)
+    quarter = rotate(img, torch.tensor([90.0]))
+    assert quarter[0, 0].argmax().item() == 4 * 9 + 1  # counter-clockwise: now left of the centre
+    torch.testing.assert_close(quarter, torch.rot90(img, 1, (2, 3)), atol=1e-5, rtol=0)
+
+
+def test_task_names_are_validated() -> None:
+    with pytest.raises(
+        ConfigError, match="data.task: unknown task 'segment'; allowed: classify, rotation"
+    ):
+        make_task("segment")
+    with pytest.raises(ConfigError, match="data.val_size"):
+        DataConfig(val_size=0)
+    with pytest.raises(ConfigError, match="data.batch_size"):
+        DataConfig(batch_size=0)
+    with pytest.raises(ConfigError, match=r"data.colour: unknown key; allowed: .*batch_size"):
+        DataConfig.from_dict({"colour": 1})
+
+
+# ------------------------------------------------------------------------- augmentation
+def test_random_crop_is_a_shifted_window() -> None:
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1
+    gen = torch.Generator().manual_seed(0)
+    out = Augment(crop_padding=2)(x, gen)
+    assert out.shape == x.shape
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    for b in range(2):
+        windows = [padded[b, :, i : i + 6, j : j + 6] for i in range(5) for j in range(5)]
+        assert any(torch.equal(out[b], w) for w in windows)
+
+
+def test_flip_flips_about_half() -> None:
+    x = torch.rand(400, 1, 4, 4)
+    out = Augment(flip=True)(x, torch.Generator().manual_seed(0))
+    flipped = [torch.equal(out[i], x[i].flip(2)) for i in range(400)]
+    kept = [torch.equal(out[i], x[i]) for i in range(400)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert 150 < sum(flipped) < 250
+
+
+def test_negative_padding_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="data.crop_padding"):
+        Augment(crop_padding=-1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_live_on_cuda() -> None:
+    dm = ChainDataModule(DataConfig(name="digits", crop_padding=2, flip=True, task="rotation"))
+    x, t = next(iter(dm.loader("train", "cuda")))
+    assert x.is_cuda and t.is_cuda
