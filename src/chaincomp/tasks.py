@@ -69,6 +69,9 @@ class _Percent(torchmetrics.Metric):
         self.add_state("correct", default=torch.tensor(0.0), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
+    correct: Tensor
+    total: Tensor
+
     def update(self, preds: Tensor, target: Tensor) -> None:
         self.correct += (preds == target).sum()
         self.total += target.numel()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 
-def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp_path)`` then rename the temp file onto ``path``.
 
     Readers never see a half-written file: either the old content or the complete new one.

@@ -19,7 +19,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -65,7 +65,14 @@ class RawDataset:
 
 
 # ----------------------------------------------------------------------------------------- IDX
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, Any] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -279,10 +286,10 @@ def read_imagefolder(
         raise DataError(f"{path}: test classes {unknown} do not occur in the train split")
     decoded: dict[str, list[Image.Image]] = {}
     for split, entries in items.items():
-        images = []
+        images: list[Image.Image] = []
         for cls, data in entries:
             try:
-                img = Image.open(io.BytesIO(data))
+                img: Image.Image = Image.open(io.BytesIO(data))
                 img.load()
             except (UnidentifiedImageError, OSError) as exc:
                 raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({exc})") from exc
@@ -297,10 +304,10 @@ def read_imagefolder(
     out: dict[str, np.ndarray] = {}
     for split, images in decoded.items():
         arrays = []
-        for im in images:
-            im = im.convert(mode)
+        for image in images:
+            im = image.convert(mode)
             if image_size is not None and im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BILINEAR)
+                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
             arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels))
         sizes = {a.shape for a in arrays}
         if len(sizes) > 1:

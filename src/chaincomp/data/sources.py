@@ -16,6 +16,7 @@ source file's path, size and mtime, so a second load is a plain memory read.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -265,7 +266,7 @@ def _download(source: Source, raw_root: Path) -> Path:
             if hashlib.md5(payload).hexdigest() != item.md5:
                 errors.append(f"{url}: MD5 mismatch")
                 continue
-            atomic_write(dest, lambda p, data=payload: p.write_bytes(data))
+            atomic_write(dest, functools.partial(Path.write_bytes, data=payload))
             break
         else:
             raise DataError("; ".join(errors))

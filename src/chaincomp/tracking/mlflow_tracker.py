@@ -137,17 +137,18 @@ class Tracker:
         info = self.client.create_run(
             self.experiment_id, run_name=name, tags={k: str(v) for k, v in all_tags.items()}
         )
-        run = Run(self.client, info.info.run_id)
+        run_id: str = info.info.run_id
+        run = Run(self.client, run_id)
         try:
             yield run
         except KeyboardInterrupt:
-            self.client.set_terminated(run.run_id, "KILLED")
+            self.client.set_terminated(run_id, "KILLED")
             raise
         except BaseException as exc:
-            self.client.set_tag(run.run_id, "error", f"{type(exc).__name__}: {exc}"[:MAX_PARAM_LEN])
-            self.client.set_terminated(run.run_id, "FAILED")
+            self.client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:MAX_PARAM_LEN])
+            self.client.set_terminated(run_id, "FAILED")
             raise
-        self.client.set_terminated(run.run_id, "FINISHED")
+        self.client.set_terminated(run_id, "FINISHED")
 
 
 class NullTracker:
