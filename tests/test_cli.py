@@ -11,16 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-SUMMARY_KEYS = {
-    "task",
-    "metric_name",
-    "val_metric",
-    "test_metric",
-    "macs",
-    "bitops",
-    "params",
-    "mlflow_run_id",
-}
+from chaincomp.cli import SUMMARY_KEYS as CLI_SUMMARY_KEYS
+
+SUMMARY_KEYS = set(CLI_SUMMARY_KEYS)
 
 
 def chaincomp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
