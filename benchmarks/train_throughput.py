@@ -1,6 +1,8 @@
 """Training throughput: chaincomp's path (Hydra config -> ChainDataModule -> CompressibleModule ->
 Lightning Trainer) against a plain PyTorch loop on the same model, data, augmentation, batch size
-and precision, in one run. Prints images/s of each and their ratio (framework / plain).
+and precision, in one run. Prints images/s of each and their ratio (framework / plain), then the
+framework path again with the quantize stage's fake quantization in place (w4/a4, QAT) and the
+QAT overhead (float images/s / QAT images/s; the target is <= 1.5x).
 
     python benchmarks/train_throughput.py                       # CPU default: fashion_mnist, resnet10
     python benchmarks/train_throughput.py data=cifar10 model=resnet18 data.batch_size=512 \
@@ -110,6 +112,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="cap on batches per epoch (default: 60 on CPU)"
     )
+    parser.add_argument("--no-qat", action="store_true", help="skip the QAT measurement")
     parser.add_argument("overrides", nargs="*", help="chaincomp config overrides")
     args = parser.parse_args()
     cuda = torch.cuda.is_available()
@@ -133,6 +136,7 @@ def main() -> None:
     if dm.task.name != "classify":
         raise SystemExit("the plain loop is written for data.task=classify")
     plain_module = copy.deepcopy(module)
+    qat_module = copy.deepcopy(module)
     timer = EpochTimer()
     trainer = tcfg.make([timer], max_epochs=args.epochs)
     trainer.fit(module, datamodule=dm)
@@ -159,6 +163,19 @@ def main() -> None:
     print(f"framework (Lightning) : {framework:10.0f} images/s")
     print(f"plain PyTorch loop    : {plain:10.0f} images/s")
     print(f"ratio framework/plain : {framework / plain:10.3f}")
+    if args.no_qat:
+        return
+    from chaincomp.stages.quantize import QuantizeSettings, quantize_module
+
+    qat_module.to(device)
+    settings = QuantizeSettings(w_bits=4, a_bits=4, learn_scale=True, calib_batches=2)
+    quantize_module(qat_module, dm, settings)
+    timer = EpochTimer()
+    trainer = tcfg.make([timer], max_epochs=args.epochs)
+    trainer.fit(qat_module, datamodule=dm)
+    qat = timer.images / timer.seconds
+    print(f"framework + QAT w4/a4 : {qat:10.0f} images/s")
+    print(f"QAT overhead float/QAT: {framework / qat:10.3f}")
 
 
 if __name__ == "__main__":

@@ -49,3 +49,57 @@ def compose_cfg(*overrides: str) -> DictConfig:
 @pytest.fixture
 def cfg_factory():  # type: ignore[no-untyped-def]
     return compose_cfg
+
+
+QUIET = ("trainer.enable_progress_bar=false", "tracking.enabled=false")
+
+
+@pytest.fixture(scope="session")
+def digits_base():  # type: ignore[no-untyped-def]
+    """(cfg, dm, trained net) on digits with a half-width SmallCNN, trained once per session."""
+    from chaincomp.pipeline import build_data, build_module, fit, trainer_config
+
+    cfg = compose_cfg("data=digits", "model=small_cnn", "model.width_mult=0.5",
+                      "trainer.max_epochs=4", *QUIET)  # fmt: skip
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    fit(module, dm, trainer_config(cfg))
+    return cfg, dm, module.net
+
+
+@pytest.fixture
+def digits_module(digits_base):  # type: ignore[no-untyped-def]
+    """A fresh CompressibleModule around a copy of the session's trained digits net."""
+    import copy
+
+    from chaincomp.pipeline import build_module
+
+    cfg, dm, net = digits_base
+    return build_module(cfg, dm, copy.deepcopy(net))
+
+
+def make_ctx(cfg, dm, records=None, max_batches=None):  # type: ignore[no-untyped-def]
+    """A StageContext whose fit runs a real Trainer.fit (optionally on a few batches)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    from chaincomp.pipeline import fit, trainer_config
+    from chaincomp.stages import StageContext
+
+    tcfg = trainer_config(cfg)
+    if max_batches is not None:
+        tcfg = dataclasses.replace(tcfg, limit_train_batches=max_batches)
+
+    def _fit(module, epochs, callbacks=(), lr=None):  # type: ignore[no-untyped-def]
+        base = module.optim_cfg
+        if lr is not None:
+            module.optim_cfg = dataclasses.replace(base, lr=lr)
+        module.train()
+        try:
+            return fit(module, dm, tcfg, callbacks, max_epochs=epochs)
+        finally:
+            module.optim_cfg = base
+
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    return StageContext(dm=dm, fit=_fit, records=list(records or []), model_cfg=model_cfg)

@@ -138,13 +138,60 @@ def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-COMMANDS: dict[str, Callable[[DictConfig], Any]] = {"train": cmd_train, "cost": cmd_cost}
+STEP_COLUMNS = ("val_metric", "test_metric", "macs", "bitops", "params", "size_mb")
+
+
+def print_chain_table(summary: dict[str, Any]) -> None:
+    """One row per step (baseline first): metric, cost and the ratios against the baseline."""
+    from rich.table import Table
+
+    base = summary["baseline"]
+    unit = summary["metric_name"]
+    table = Table(title=f"chain {'->'.join(summary['order']) or '(baseline only)'}: "
+                        f"{summary.get('dataset', '')} {unit}")  # fmt: skip
+    for col in ("step", "stage", f"val {unit}", f"test {unit}", "MACs", "BitOps", "params",
+                "size MB", "BitOps x", "cached"):  # fmt: skip
+        table.add_column(col, justify="left" if col in ("step", "stage") else "right")
+    rows = [{"name": "baseline", "stage": "-", **base, "cached": False}, *summary["stages"]]
+    for r in rows:
+        table.add_row(r["name"], r["stage"], f"{r['val_metric']:.2f}", f"{r['test_metric']:.2f}",
+                      f"{r['macs']:.4g}", f"{r['bitops']:.4g}", f"{r['params']:,}",
+                      f"{r['size_mb']:.4f}", f"{base['bitops'] / max(r['bitops'], 1e-12):.1f}",
+                      "yes" if r.get("cached") else "")  # fmt: skip
+    console().print(table)
+    console().print(
+        f"BitOps reduction {summary['bitops_ratio']:.1f}x, test {unit} change "
+        f"{summary['metric_delta']:+.2f} (baseline {base['test_metric']:.2f} -> "
+        f"{summary['test_metric']:.2f})"
+    )
+
+
+def cmd_run(cfg: DictConfig) -> dict[str, Any]:
+    """Run the chain ``cfg.chain`` (baseline, then the steps in ``chain.order``)."""
+    from chaincomp.chain import run_chain
+    from chaincomp.pipeline import tracker_for
+
+    out = _output_dir()
+    summary = run_chain(cfg, out, tracker_for(cfg), run_name=cfg.tracking.get("run_name"))
+    summary.pop("module", None)
+    summary["dataset"] = cfg.data.name
+    summary["model"] = str(cfg.model.get("name", cfg.model.get("_target_")))
+    print_chain_table(summary)
+    return summary
+
+
+COMMANDS: dict[str, Callable[[DictConfig], Any]] = {
+    "train": cmd_train,
+    "cost": cmd_cost,
+    "run": cmd_run,
+}
 
 USAGE = """usage: chaincomp <command> [key=value ...] [hydra options]
 
 commands:
   train   train the baseline of data x model (e.g. chaincomp train data=digits model=small_cnn)
   cost    print the per-layer MACs / params / BitOps table of a model
+  run     run a compression chain (e.g. chaincomp run chain=dpqe, chaincomp run chain.order=[Q,P])
 
 Every key of conf/ can be overridden (data=fashion_mnist model=resnet18 trainer.max_epochs=5);
 hydra.run.dir=... chooses the run directory; --cfg job prints the composed config.

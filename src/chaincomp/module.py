@@ -21,8 +21,9 @@ class CompressibleModule(pl.LightningModule):
 
     Contract:
     - ``forward(x)`` is ``net(x)``: the task head's output.
-    - The training loss is ``task.loss(outputs, target)`` plus every term in ``loss_terms``
-      (stages add and remove their own terms by name; e.g. a KD term, exit-head terms).
+    - The training loss is ``task_weight * task.loss(outputs, target)``, plus
+      ``net.auxiliary_loss(task, target)`` when the net defines it (exit heads), plus every term
+      in ``loss_terms`` (stages add and remove their own terms by name, e.g. the KD term).
     - ``val/<metric>`` and ``test/<metric>`` are logged per epoch in the task's unit
       (accuracy in %, MAE in degrees); ``train/loss`` per step.
     - On CUDA the net and batches use channels_last; mixed precision is the Trainer's setting.
@@ -35,6 +36,7 @@ class CompressibleModule(pl.LightningModule):
         self.optim_cfg = optim
         self.channels_last = channels_last
         self.loss_terms: dict[str, LossTerm] = {}
+        self.task_weight = 1.0
         self.val_metric = task.make_metric()
         self.test_metric = task.make_metric()
 
@@ -52,7 +54,12 @@ class CompressibleModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, target = batch
         outputs = self(x)
-        loss = self.task.loss(outputs, target)
+        loss = self.task_weight * self.task.loss(outputs, target)
+        aux = getattr(self.net, "auxiliary_loss", None)
+        extra = aux(self.task, target) if aux is not None else None
+        if extra is not None:
+            self.log("train/loss_aux", extra, on_step=True, on_epoch=False)
+            loss = loss + extra
         for name, term in self.loss_terms.items():
             extra = term(self, x, outputs, target)
             self.log(f"train/loss_{name}", extra, on_step=True, on_epoch=False)

@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from chaincomp.cost import CostReport, count_cost
+from chaincomp.cost import CostReport, count_cost, expected_cost
 from chaincomp.data import ChainDataModule, DataConfig
 from chaincomp.errors import ConfigError
 from chaincomp.models import build_model
@@ -170,11 +170,34 @@ def cost_of(net: nn.Module, dm: ChainDataModule) -> CostReport:
 def measure(
     module: CompressibleModule, dm: ChainDataModule, splits: Sequence[str] = ("val", "test")
 ) -> dict[str, Any]:
-    """Metric on each split plus the cost totals: the foundation keys of every summary row."""
+    """Metric on each split plus the cost totals: the foundation keys of every summary row.
+
+    For a net with exits (``exit_costs`` / ``exit_rates``) each split is evaluated with real
+    dynamic inference; ``<split>_exit_rates`` and ``<split>_bitops`` / ``<split>_macs`` (the
+    expected cost per sample at those rates) are added, ``bitops`` / ``macs`` are the expected
+    values on the last split, and ``static_bitops`` / ``static_macs`` the cost of running
+    every head. Without exits ``val_bitops`` equals ``bitops``.
+    """
     device = next(module.parameters()).device
-    row: dict[str, Any] = {f"{s}_metric": module.evaluate(dm.loader(s, device)) for s in splits}
-    report = cost_of(module.net, dm)
+    net = module.net
+    report = cost_of(net, dm)
+    row: dict[str, Any] = {}
+    exits = hasattr(net, "exit_costs") and hasattr(net, "exit_rates")
+    for split in splits:
+        if exits:
+            net.reset_counts()
+        row[f"{split}_metric"] = module.evaluate(dm.loader(split, device))
+        if exits:
+            rates = net.exit_rates()
+            row[f"{split}_exit_rates"] = rates
+            for what in ("macs", "bitops"):
+                row[f"{split}_{what}"] = expected_cost(rates, net.exit_costs(report, what))
     row.update(macs=report.macs, bitops=report.bitops, params=report.params, size_mb=report.size_mb)
+    if exits:
+        row.update(static_macs=report.macs, static_bitops=report.bitops)
+        row.update(macs=row[f"{splits[-1]}_macs"], bitops=row[f"{splits[-1]}_bitops"])
+    else:
+        row.update({f"{split}_bitops": report.bitops for split in splits})
     return row
 
 

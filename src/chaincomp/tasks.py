@@ -28,7 +28,9 @@ class Task(ABC):
     - ``loss(outputs, target)``: scalar training loss.
     - ``make_metric()``: a torchmetrics Metric; ``update_metric(metric, outputs, target)`` feeds
       it; ``metric.compute()`` is in the unit of ``metric_name`` (accuracy in %, MAE in degrees).
-    - ``confidence(outputs)``: per-sample score, higher = more certain (early-exit criterion).
+    - ``confidence(outputs)``: per-sample score in (0, 1], higher = more certain (the
+      early-exit criterion: a sample leaves when its confidence >= the threshold).
+    - ``distill_loss(student, teacher, temperature)``: the knowledge-distillation term.
     """
 
     name: str
@@ -59,6 +61,9 @@ class Task(ABC):
 
     @abstractmethod
     def confidence(self, outputs: Tensor) -> Tensor: ...
+
+    @abstractmethod
+    def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor: ...
 
 
 class _Percent(torchmetrics.Metric):
@@ -107,6 +112,13 @@ class Classification(Task):
     def confidence(self, outputs: Tensor) -> Tensor:
         return outputs.float().softmax(dim=1).amax(dim=1)
 
+    def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        """Hinton et al. (2015): T^2 * KL(softmax(teacher / T) || softmax(student / T))."""
+        t = temperature
+        log_p = F.log_softmax(student.float() / t, dim=1)
+        q = F.softmax(teacher.float() / t, dim=1)
+        return F.kl_div(log_p, q, reduction="batchmean") * t * t
+
 
 def rotate(x: Tensor, degrees: Tensor) -> Tensor:
     """Rotate each image of ``x`` (B, C, H, W) counter-clockwise by ``degrees`` (B,), zero fill."""
@@ -121,7 +133,8 @@ class Rotation(Task):
     """Regress the angle (degrees, U(-max_deg, max_deg)) a real image was rotated by.
 
     Outputs are (mean, log-variance) of the angle in units of ``max_deg``; the loss is the
-    Gaussian NLL; the metric is the MAE in degrees; confidence is minus the predicted std.
+    Gaussian NLL; the metric is the MAE in degrees; confidence is ``1 / (1 + std)`` with the
+    predicted std in degrees (so ``confidence >= c`` means ``std <= 1/c - 1`` degrees).
     """
 
     name = "rotation"
@@ -170,7 +183,11 @@ class Rotation(Task):
 
     def confidence(self, outputs: Tensor) -> Tensor:
         logvar = outputs[:, 1].float().clamp(self.LOGVAR_MIN, self.LOGVAR_MAX)
-        return -(0.5 * logvar).exp() * self.max_deg
+        return 1.0 / (1.0 + (0.5 * logvar).exp() * self.max_deg)
+
+    def distill_loss(self, student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
+        """The task loss with the teacher's predicted mean as the target (temperature unused)."""
+        return self.loss(student, teacher[:, 0].float().detach())
 
 
 TASKS: dict[str, type[Classification] | type[Rotation]] = {

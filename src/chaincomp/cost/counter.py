@@ -94,6 +94,8 @@ def count_cost(model: nn.Module, example: Tensor | Sequence[int]) -> CostReport:
     """Count the per-sample cost of ``model`` on ``example`` (a batch-1 tensor or its shape).
 
     The model runs once in eval mode on the device of its parameters; its mode is restored.
+    A model with a ``forward_all`` method (a net with exit heads) is run through it, so that
+    every path (each exit head and the final head) is counted once.
     """
     if not isinstance(example, Tensor):
         example = torch.zeros(*example)
@@ -126,7 +128,8 @@ def count_cost(model: nn.Module, example: Tensor | Sequence[int]) -> CostReport:
     was_training = model.training
     model.eval()
     try:
-        model(example)
+        forward_all = getattr(model, "forward_all", None)
+        (forward_all or model)(example)
     finally:
         model.train(was_training)
         for h in handles:

@@ -1,0 +1,439 @@
+"""The chain runner: baseline, then the steps in ``chain.order``, with a prefix cache.
+
+``run_chain(cfg, output_dir)`` is what ``chaincomp run`` executes and what a search objective
+calls. For a chain ``s_1 .. s_n`` the state after step k is named by a content hash of
+(data, model, optim, baseline training, seed, settings of s_1..s_k). The runner starts from the
+longest prefix already in the cache (loading it by *replay*: rebuild the structure from the
+chain record, then load the weights with ``weights_only=True``) and computes the rest, storing
+every new prefix. A cache entry is a directory ``<cache_dir>/<hash>/`` with ``weights.pt`` and
+``entry.json`` (records and rows of every step so far), written to a temporary directory and
+renamed into place, so concurrent workers never see half an entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from chaincomp.errors import ConfigError
+from chaincomp.models import build_model
+from chaincomp.module import CompressibleModule
+from chaincomp.pipeline import (
+    _section,
+    build_data,
+    build_module,
+    fit,
+    measure,
+    optim_config,
+    trainer_config,
+)
+from chaincomp.stages import ReplayInfo, Stage, StageContext, stage_class
+from chaincomp.stages.early_exit import retune
+from chaincomp.tracking import MlflowMetricsCallback, NullTracker, Run, Tracker
+from chaincomp.utils import atomic_write, seed_everything
+
+ROW_KEYS = ("val_metric", "test_metric", "macs", "bitops", "val_bitops", "params", "size_mb")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One entry of the chain's catalogue: ``name`` (as used in ``order``), stage, settings."""
+
+    name: str
+    stage: type[Stage]
+    settings: dict[str, Any]
+
+    def make(self) -> Stage:
+        return self.stage.from_config(self.settings, prefix=f"chain.steps.{self.name}.settings")
+
+
+@dataclass(frozen=True)
+class ChainSpec:
+    """Validated ``chain`` config: the ordered steps, the baseline settings and the cache."""
+
+    name: str
+    steps: tuple[Step, ...]
+    baseline_epochs: int | None = None
+    baseline_checkpoint: str | None = None
+    cache_dir: str | None = None
+
+    @property
+    def order(self) -> list[str]:
+        return [s.name for s in self.steps]
+
+    @property
+    def letters(self) -> str:
+        return "".join(s.stage.letter for s in self.steps)
+
+
+CHAIN_KEYS = ("name", "order", "steps", "baseline", "cache_dir")
+
+
+def chain_spec(cfg: DictConfig | Mapping[str, Any]) -> ChainSpec:
+    """Read and validate ``cfg.chain`` (every step's settings are checked here, up front)."""
+    chain = _section(cfg, "chain")
+    unknown = sorted(set(chain) - set(CHAIN_KEYS))
+    if unknown:
+        raise ConfigError(f"chain.{unknown[0]}", "unknown key", CHAIN_KEYS)
+    catalogue = chain.get("steps") or {}
+    order = chain.get("order")
+    if order is None or isinstance(order, str | bytes) or not isinstance(order, Sequence):
+        raise ConfigError("chain.order", f"must be a list of step names, got {order!r}",
+                          sorted(catalogue))  # fmt: skip
+    steps = []
+    for name in order:
+        if name not in catalogue:
+            raise ConfigError("chain.order", f"unknown step {name!r}", sorted(catalogue))
+        entry = dict(catalogue[name] or {})
+        extra = sorted(set(entry) - {"stage", "settings", "search"})
+        if extra:
+            raise ConfigError(f"chain.steps.{name}.{extra[0]}", "unknown key",
+                              ["stage", "settings", "search"])  # fmt: skip
+        cls = stage_class(str(entry.get("stage", name)), f"chain.steps.{name}.stage")
+        step = Step(str(name), cls, dict(entry.get("settings") or {}))
+        step.make()  # validates the settings
+        steps.append(step)
+    base = dict(chain.get("baseline") or {})
+    bad = sorted(set(base) - {"epochs", "checkpoint"})
+    if bad:
+        raise ConfigError(f"chain.baseline.{bad[0]}", "unknown key", ["epochs", "checkpoint"])
+    epochs = base.get("epochs")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
+        raise ConfigError("chain.baseline.epochs", f"invalid value {epochs!r}", "null or >= 0")
+    return ChainSpec(
+        name=str(chain.get("name") or "chain"),
+        steps=tuple(steps),
+        baseline_epochs=epochs,
+        baseline_checkpoint=base.get("checkpoint"),
+        cache_dir=chain.get("cache_dir"),
+    )
+
+
+@dataclass
+class CacheStats:
+    """How many stage executions a run (or a series of runs) did and skipped."""
+
+    executed: int = 0
+    reused: int = 0
+    baselines_trained: int = 0
+    executed_keys: list[str] = field(default_factory=list)
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
+    """Content hashes: [baseline, after step 1, ..., after step n]."""
+    tcfg = trainer_config(cfg)
+    base = {
+        "data": _section(cfg, "data"),
+        "model": _section(cfg, "model"),
+        "optim": dataclasses.asdict(optim_config(cfg)),
+        "train": {
+            "epochs": tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs,
+            "precision": tcfg.resolved_precision(),
+            "limit_train_batches": tcfg.limit_train_batches,
+            "gradient_clip_val": tcfg.gradient_clip_val,
+        },
+        "checkpoint": spec.baseline_checkpoint,
+        "seed": int(cfg.get("seed", 0)),
+    }
+    keys = [_digest(base)]
+    for step in spec.steps:
+        content = {
+            "prev": keys[-1],
+            "stage": step.stage.name,
+            "settings": step.make().settings.as_dict(),
+        }
+        keys.append(_digest(content))
+    return keys
+
+
+class PrefixCache:
+    """Directory of chain states by prefix hash (see the module docstring)."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else None
+
+    def path(self, key: str) -> Path | None:
+        return self.root / key if self.root else None
+
+    def has(self, key: str) -> bool:
+        p = self.path(key)
+        return p is not None and (p / "entry.json").is_file() and (p / "weights.pt").is_file()
+
+    def load(self, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        p = self.path(key)
+        assert p is not None
+        entry = json.loads((p / "entry.json").read_text())
+        weights = torch.load(p / "weights.pt", map_location="cpu", weights_only=True)
+        return entry, weights
+
+    def store(self, key: str, entry: dict[str, Any], net: torch.nn.Module) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            torch.save(state, tmp / "weights.pt")
+            (tmp / "entry.json").write_text(json.dumps(entry, indent=1, default=float))
+            os.rename(tmp, self.root / key)
+        except OSError:
+            if not self.has(key):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replay_info(entry: Mapping[str, Any]) -> ReplayInfo:
+    data = entry["data"]
+    shape = (int(data["in_channels"]), int(data["num_outputs"]), tuple(data["image_size"]))
+    return ReplayInfo(
+        in_channels=shape[0],
+        num_outputs=shape[1],
+        image_size=shape[2],  # type: ignore[arg-type]
+        build=lambda model_cfg: build_model(model_cfg, shape[0], shape[1], shape[2]),  # type: ignore[arg-type]
+    )
+
+
+def replay(entry: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
+           module: CompressibleModule) -> CompressibleModule:  # fmt: skip
+    """Rebuild ``module.net`` from a chain entry (base model + each step's record) and load
+    ``weights`` strictly. ``module`` supplies the task and optimizer settings."""
+    info = replay_info(entry)
+    module.net = info.build(entry["model"])
+    for record in entry["records"]:
+        stage_class(record["stage"]).replay(module, record, info)
+    module.net.load_state_dict(weights, strict=True)
+    return module
+
+
+def load_chain(path: str | Path, module: CompressibleModule) -> CompressibleModule:
+    """Replay a saved chain (a directory with ``entry.json`` and ``weights.pt``) into
+    ``module``; the weights are read with ``weights_only=True``."""
+    p = Path(path)
+    entry = json.loads((p / "entry.json").read_text())
+    weights = torch.load(p / "weights.pt", map_location="cpu", weights_only=True)
+    return replay(entry, weights, module)
+
+
+def _row(row: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in row if k in ROW_KEYS or k.endswith("exit_rates")}
+
+
+def _foundation(dm: Any, row: Mapping[str, Any]) -> dict[str, Any]:
+    return {"task": dm.task.name, "metric_name": dm.task.metric_name, **_row(row)}
+
+
+def run_chain(
+    cfg: DictConfig,
+    output_dir: str | Path,
+    tracker: Tracker | NullTracker | None = None,
+    parent: Run | None = None,
+    stats: CacheStats | None = None,
+    run_name: str | None = None,
+    tags: Mapping[str, Any] | None = None,
+    on_step: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg.chain`` on ``cfg.data`` x ``cfg.model``; returns the summary (also written as
+    ``summary.json`` and ``chain/`` (entry.json + weights.pt) into ``output_dir``).
+
+    MLflow: one run for the chain (child of ``parent`` when given), one child per step (the
+    baseline included; a step taken from the cache is tagged ``chaincomp.cached=true``).
+    ``on_step(row)`` is called after every step (the search uses it to report progress).
+    """
+    spec = chain_spec(cfg)
+    tracker = tracker or NullTracker()
+    stats = stats if stats is not None else CacheStats()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    seed = int(cfg.get("seed", 0))
+    seed_everything(seed)
+    tcfg = trainer_config(cfg)
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    device = torch.device("cuda" if tcfg.uses_cuda else "cpu")
+    module.to(device)
+    base_optim = module.optim_cfg
+    keys = prefix_keys(cfg, spec)
+    cache = PrefixCache(spec.cache_dir)
+    entry: dict[str, Any] = {
+        "version": 1,
+        "data": {"name": dm.cfg.name, "task": dm.task.name, "in_channels": dm.in_channels,
+                 "num_outputs": dm.num_outputs, "image_size": list(dm.image_size)},
+        "model": _section(cfg, "model"),
+        "records": [],
+        "rows": [],
+        "keys": [],
+    }  # fmt: skip
+    name = run_name or f"chain {spec.letters or 'baseline'}"
+    all_tags = {"chaincomp.command": "run", "chaincomp.order": spec.letters, **(tags or {})}
+    with tracker.run(name=name, parent=parent, tags=all_tags) as chain_run:
+        chain_run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        chain_run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+        def fine_tune(run: Run, prefix: str) -> Callable[..., float]:
+            def _fit(module: CompressibleModule, epochs: int, callbacks: Sequence[Any] = (),
+                     lr: float | None = None) -> float:  # fmt: skip
+                module.optim_cfg = (
+                    base_optim if lr is None else dataclasses.replace(base_optim, lr=lr)
+                )
+                module.train()  # Lightning keeps the modes it finds; stages may freeze parts
+                try:
+                    cbs = [*callbacks, MlflowMetricsCallback(run, prefix)]
+                    return fit(module, dm, tcfg, cbs, max_epochs=epochs)
+                finally:
+                    module.optim_cfg = base_optim
+
+            return _fit
+
+        # the longest cached prefix (index into keys); -1 = nothing, not even the baseline
+        start = -1
+        for k in range(len(keys) - 1, -1, -1):
+            if cache.has(keys[k]):
+                start = k
+                break
+        if start >= 0:
+            cached, weights = cache.load(keys[start])
+            for row in cached["rows"]:
+                row["cached"] = True
+            entry.update(records=cached["records"], rows=cached["rows"], keys=cached["keys"])
+            replay(entry, weights, module)
+            module.to(device)
+            stats.reused += start
+        for k, row in enumerate(entry["rows"]):
+            label = "baseline" if k == 0 else f"{k}:{row['name']}"
+            with tracker.run(name=label, parent=chain_run,
+                             tags={"chaincomp.cached": "true", "chaincomp.cache_key": keys[k]}) as r:  # fmt: skip
+                r.log_metrics(_numeric(row))
+            if on_step:
+                on_step(row)
+
+        model_cfg = entry["model"]
+        for rec in entry["records"]:
+            if rec["stage"] == "distill":
+                model_cfg = rec["model"]
+        for k in range(start + 1, len(keys)):
+            t0 = time.perf_counter()
+            if k == 0:
+                label = "baseline"
+                with tracker.run(name=label, parent=chain_run,
+                                 tags={"chaincomp.cached": "false", "chaincomp.cache_key": keys[0]}) as run:  # fmt: skip
+                    epochs = (
+                        tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs
+                    )
+                    if spec.baseline_checkpoint:
+                        state = torch.load(
+                            spec.baseline_checkpoint, map_location="cpu", weights_only=True
+                        )
+                        module.net.load_state_dict(state, strict=True)
+                        train_time = 0.0
+                    else:
+                        train_time = fine_tune(run, "baseline/")(module, epochs)
+                        stats.baselines_trained += 1
+                    row = {"name": "baseline", "stage": "baseline", **measure(module, dm),
+                           "train_time_s": train_time, "cached": False}  # fmt: skip
+                    run.log_metrics(_numeric(row))
+            else:
+                step = spec.steps[k - 1]
+                stage = step.make()
+                label = f"{k}:{step.name}"
+                with tracker.run(name=label, parent=chain_run,
+                                 tags={"chaincomp.cached": "false", "chaincomp.cache_key": keys[k],
+                                       "chaincomp.stage": stage.name}) as run:  # fmt: skip
+                    ctx = StageContext(dm=dm, fit=fine_tune(run, f"{stage.name}/"),
+                                       records=list(entry["records"]), model_cfg=model_cfg, seed=seed)  # fmt: skip
+                    seed_everything(seed + k)
+                    record = stage.run(module, ctx)
+                    model_cfg = ctx.model_cfg
+                    if "threshold" not in record:
+                        chosen = retune(module, dm)
+                        if chosen is not None:
+                            record["threshold"] = chosen["threshold"]
+                    module.to(device)
+                    row = {"name": step.name, "stage": stage.name, **measure(module, dm),
+                           "train_time_s": record.get("train_time_s", 0.0), "cached": False,
+                           **{f"{stage.name}.{key}": v for key, v in stage.summary().items()}}  # fmt: skip
+                    entry["records"].append(record)
+                    run.log_params({"stage": stage.name, **stage.settings.as_dict()})
+                    run.log_metrics(_numeric(row))
+                    run.log_text(json.dumps(record, indent=1, default=float), "record.json")
+                    stats.executed += 1
+                    stats.executed_keys.append(keys[k])
+            row["time_s"] = time.perf_counter() - t0
+            entry["rows"].append(row)
+            entry["keys"].append(keys[k])
+            cache.store(keys[k], entry, module.net)
+            if on_step:
+                on_step(row)
+
+        summary = summarize(dm, spec, entry, chain_run)
+        save_chain(out / "chain", entry, module.net)
+        from chaincomp.utils import write_json
+
+        write_json(out / "summary.json", summary)
+        chain_run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        chain_run.log_artifact(out / "summary.json")
+        chain_run.log_artifact(out / "chain" / "entry.json")
+    summary["module"] = module
+    return summary
+
+
+def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue
+        out[k] = float(v)
+    return out
+
+
+def save_chain(path: Path, entry: dict[str, Any], net: torch.nn.Module) -> None:
+    """``entry.json`` + ``weights.pt`` (atomically) — what :func:`load_chain` reads."""
+    path.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+    atomic_write(path / "weights.pt", lambda p: torch.save(state, p))
+    atomic_write(path / "entry.json",
+                 lambda p: Path(p).write_text(json.dumps(entry, indent=1, default=float)))  # fmt: skip
+
+
+def summarize(dm: Any, spec: ChainSpec, entry: Mapping[str, Any], run: Run) -> dict[str, Any]:
+    """The summary.json of a chain: foundation keys of the final model, ``order``,
+    ``baseline``, ``stages`` (one row per step), ``bitops_ratio`` (baseline / final BitOps) and
+    ``metric_delta`` (final - baseline test metric; negative = worse accuracy, positive =
+    larger error for MAE)."""
+    rows = entry["rows"]
+    base, last = rows[0], rows[-1]
+    stages = [{"name": r["name"], "stage": r["stage"], "cached": r.get("cached", False),
+               **_foundation(dm, r), **{k: v for k, v in r.items() if "." in k}}
+              for r in rows[1:]]  # fmt: skip
+    return {
+        **_foundation(dm, last),
+        "mlflow_run_id": run.run_id,
+        "chain": spec.name,
+        "order": spec.order,
+        "letters": spec.letters,
+        "baseline": {**_foundation(dm, base), "mlflow_run_id": run.run_id},
+        "stages": stages,
+        "bitops_ratio": base["bitops"] / max(1e-12, last["bitops"]),
+        "val_bitops_ratio": base["val_bitops"] / max(1e-12, last["val_bitops"]),
+        "macs_ratio": base["macs"] / max(1e-12, last["macs"]),
+        "metric_delta": last["test_metric"] - base["test_metric"],
+        "val_metric_delta": last["val_metric"] - base["val_metric"],
+        "records": entry["records"],
+    }

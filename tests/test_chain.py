@@ -1,0 +1,151 @@
+"""The chain runner: config validation, summary, prefix cache (counted), replay, CLI."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from chaincomp.chain import CacheStats, chain_spec, load_chain, prefix_keys, run_chain
+from chaincomp.errors import ConfigError
+from chaincomp.pipeline import build_data, build_module
+
+from .conftest import QUIET, REPO, compose_cfg
+
+FAST = (
+    "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=2",
+    "trainer.limit_train_batches=6",
+    "chain.steps.D.settings.epochs=1", "chain.steps.P.settings.epochs=1",
+    "chain.steps.Q.settings.epochs=1", "chain.steps.E.settings.epochs=1",
+    "chain.steps.Q.settings.calib_batches=2", *QUIET,
+)  # fmt: skip
+
+
+# enough training on digits that every order ends with a working classifier
+SLOW = (
+    "trainer.limit_train_batches=null", "trainer.max_epochs=8",
+    "chain.steps.D.settings.epochs=15", "chain.steps.P.settings.epochs=3",
+    "chain.steps.Q.settings.epochs=3", "chain.steps.E.settings.epochs=2",
+)  # fmt: skip
+
+
+def _cfg(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
+    return compose_cfg(*FAST, f"chain.cache_dir={tmp_path / 'cache'}", *overrides)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("chain.order=[D,X]", "chain.order"),
+        ("chain.steps.P.settings.ratio=1.5", "chain.steps.P.settings.ratio"),
+        ("chain.steps.Q.settings.w_bits=0", "chain.steps.Q.settings.w_bits"),
+        ("+chain.steps.P.settings.speed=3", "chain.steps.P.settings.speed"),
+        ("chain.steps.E.stage=exit", "chain.steps.E.stage"),
+        ("chain.baseline.epochs=-2", "chain.baseline.epochs"),
+    ],
+)
+def test_bad_chain_config_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match="^" + re.escape(key) + ": "):
+        chain_spec(compose_cfg(override))
+
+
+def test_prefix_keys_depend_on_content_not_names(tmp_path: Path) -> None:
+    a = prefix_keys(_cfg(tmp_path), chain_spec(_cfg(tmp_path)))
+    b = prefix_keys(
+        _cfg(tmp_path, "chain.order=[D,P,E,Q]"), chain_spec(_cfg(tmp_path, "chain.order=[D,P,E,Q]"))
+    )
+    assert a[:3] == b[:3] and a[3] != b[3]
+    c = _cfg(tmp_path, "chain.steps.Q.settings.w_bits=4")  # the default value: same key
+    assert prefix_keys(c, chain_spec(c)) == a
+    d = _cfg(tmp_path, "chain.steps.P.settings.ratio=0.4")
+    assert prefix_keys(d, chain_spec(d))[:2] == a[:2] and prefix_keys(d, chain_spec(d))[2] != a[2]
+
+
+def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
+    cfg = _cfg(tmp_path, "chain.order=[P,Q]")
+    stats = CacheStats()
+    summary = run_chain(cfg, tmp_path / "run1", stats=stats)
+    assert stats.executed == 2 and stats.baselines_trained == 1
+    assert summary["order"] == ["P", "Q"] and [s["name"] for s in summary["stages"]] == ["P", "Q"]
+    for key in ("task", "metric_name", "val_metric", "test_metric", "macs", "bitops", "params",
+                "mlflow_run_id", "bitops_ratio", "metric_delta", "baseline", "stages"):  # fmt: skip
+        assert key in summary
+    base = summary["baseline"]
+    assert summary["bitops_ratio"] == pytest.approx(base["bitops"] / summary["bitops"])
+    assert summary["metric_delta"] == pytest.approx(summary["test_metric"] - base["test_metric"])
+    assert summary["bitops_ratio"] > 64  # 4/4-bit inner layers after pruning
+    on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
+    assert on_disk["stages"][1]["bitops"] == summary["bitops"]
+
+    # the same chain again: nothing is executed, the numbers are identical
+    stats2 = CacheStats()
+    again = run_chain(cfg, tmp_path / "run2", stats=stats2)
+    assert stats2.executed == 0 and stats2.reused == 2 and stats2.baselines_trained == 0
+    assert all(s["cached"] for s in again["stages"])
+    assert again["test_metric"] == summary["test_metric"] and again["bitops"] == summary["bitops"]
+
+    # replay from the saved chain: identical outputs
+    module = summary["module"]
+    dm = build_data(cfg)
+    fresh = load_chain(tmp_path / "run1" / "chain", build_module(cfg, dm))
+    x, _ = next(iter(dm.loader("test", "cpu")))
+    module.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), fresh(x))
+
+
+def _orders_execution_count(
+    tmp_path: Path, letters: str, *overrides: str
+) -> tuple[int, int, list[dict]]:
+    stats = CacheStats()
+    summaries = []
+    for i, order in enumerate(itertools.permutations(letters)):
+        cfg = _cfg(tmp_path, *overrides, f"chain.order=[{','.join(order)}]")
+        s = run_chain(cfg, tmp_path / f"o{i}", stats=stats)
+        s.pop("module")
+        summaries.append(s)
+    return stats.executed, stats.baselines_trained, summaries
+
+
+def test_prefix_cache_runs_each_distinct_prefix_once(tmp_path: Path) -> None:
+    # 6 orders of {P, Q, E}: 18 stage steps, 3 + 6 + 6 = 15 distinct prefixes
+    executed, baselines, summaries = _orders_execution_count(tmp_path, "PQE")
+    assert executed == 15 and baselines == 1
+    assert all(s["bitops_ratio"] > 1 for s in summaries)
+
+
+@pytest.mark.slow
+def test_all_24_orders_on_digits(tmp_path: Path) -> None:
+    # 24 orders of {D, P, Q, E}: 96 stage steps, 4 + 12 + 24 + 24 = 64 distinct prefixes
+    executed, baselines, summaries = _orders_execution_count(tmp_path, "DPQE", *SLOW)
+    assert executed == 64 and baselines == 1
+    assert len({s["letters"] for s in summaries}) == 24
+    for s in summaries:
+        assert s["bitops_ratio"] > 50 and s["test_metric"] > 70, (s["letters"], s["test_metric"])
+
+
+def test_cli_run_writes_summary_and_prints_table(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "chaincomp.cli", "run", *FAST, "chain.order=[Q,E]",
+           f"chain.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["order"] == ["Q", "E"] and len(summary["stages"]) == 2
+    assert "BitOps reduction" in res.stdout and "quantize" in res.stdout
+    assert (tmp_path / "out" / "chain" / "weights.pt").is_file()
+
+
+def test_cli_run_rejects_an_unknown_step(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "chaincomp.cli", "run", *FAST, "chain.order=[Q,Z]",
+           f"hydra.run.dir={tmp_path / 'out'}"]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert res.returncode == 2
+    assert "chain.order: unknown step 'Z'; allowed: D, E, P, Q" in res.stderr
+    assert REPO.is_dir()

@@ -1,0 +1,119 @@
+"""The stage contract, run over every conf/stage/*.yaml (one suite, every implementation).
+
+For each stage file: the YAML's settings build the stage; applying it to a tiny trained net keeps
+the forward working; the summary is finite; bad values fail with a message naming the key;
+replay from the record rebuilds a net whose outputs equal the compressed one's.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from chaincomp.chain.runner import replay
+from chaincomp.errors import ConfigError
+from chaincomp.pipeline import build_module
+from chaincomp.stages import STAGES, Stage, stage_class
+
+from .conftest import CONF, make_ctx
+
+STAGE_FILES = sorted(CONF.glob("stage/*.yaml"))
+
+# per stage: (key, bad value) pairs that construction must reject
+BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
+    "distill": [("alpha", 1.5), ("temperature", 0.0), ("width_mult", 0.0), ("epochs", -1)],
+    "prune": [
+        ("ratio", 1.0),
+        ("ratio", 0.0),
+        ("importance", "l3"),
+        ("steps", 0),
+        ("macs_target", 1.2),
+    ],
+    "quantize": [
+        ("w_bits", 0),
+        ("w_bits", 9),
+        ("a_bits", 1),
+        ("calibration", "mse"),
+        ("first_bits", 0),
+    ],
+    "early_exit": [
+        ("head", "mlp"),
+        ("threshold", -0.1),
+        ("train", "sometimes"),
+        ("points", [2, 1]),
+    ],
+}
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def _fast(settings: dict[str, Any]) -> dict[str, Any]:
+    return {**settings, "epochs": min(1, settings.get("epochs", 1))}
+
+
+def test_every_stage_has_a_yaml_and_bad_values() -> None:
+    assert {p.stem for p in STAGE_FILES} == set(STAGES)
+    assert set(BAD_VALUES) == set(STAGES)
+
+
+@pytest.fixture(params=STAGE_FILES, ids=lambda p: p.stem)
+def stage_yaml(request: pytest.FixtureRequest) -> dict[str, Any]:
+    return _load(request.param)
+
+
+def test_yaml_builds_the_stage(stage_yaml: dict[str, Any]) -> None:
+    cls = stage_class(stage_yaml["stage"])
+    stage = cls.from_config(stage_yaml["settings"])
+    assert isinstance(stage, Stage) and isinstance(stage.settings, cls.Settings)
+    # the YAML lists every setting (so it documents the stage) and the search space is a subset
+    assert set(stage_yaml["settings"]) == set(stage.settings.as_dict())
+    assert set(stage_yaml.get("search", {})) <= set(stage.settings.as_dict())
+
+
+def test_bad_values_name_the_key(stage_yaml: dict[str, Any]) -> None:
+    cls = stage_class(stage_yaml["stage"])
+    for key, value in BAD_VALUES[cls.name]:
+        with pytest.raises(ConfigError, match=rf"stage\.{cls.name}\.{key}: .*allowed"):
+            cls.from_config({**stage_yaml["settings"], key: value})
+    with pytest.raises(ConfigError, match=rf"stage\.{cls.name}\.nonsense: unknown key"):
+        cls.from_config({"nonsense": 1})
+
+
+def test_apply_forward_summary_replay(
+    stage_yaml: dict[str, Any], digits_base, digits_module
+) -> None:  # type: ignore[no-untyped-def]
+    cfg, dm, _ = digits_base
+    cls = stage_class(stage_yaml["stage"])
+    stage = cls.from_config(_fast(stage_yaml["settings"]))
+    module = digits_module
+    ctx = make_ctx(cfg, dm, max_batches=4)
+    record = stage.run(module, ctx)
+    assert record["stage"] == cls.name
+
+    x, _ = next(iter(dm.loader("test", "cpu")))
+    module.eval()
+    with torch.no_grad():
+        out = module(x)
+    assert out.shape == (len(x), dm.num_outputs) and torch.isfinite(out).all()
+    summary = stage.summary()
+    assert summary and all(math.isfinite(v) for v in summary.values())
+
+    entry = {
+        "data": {"in_channels": dm.in_channels, "num_outputs": dm.num_outputs,
+                 "image_size": list(dm.image_size)},
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "records": [record],
+    }  # fmt: skip
+    fresh = build_module(cfg, dm)
+    replay(entry, module.net.state_dict(), fresh)
+    fresh.eval()
+    with torch.no_grad():
+        again = fresh(x)
+    assert torch.equal(out, again)
