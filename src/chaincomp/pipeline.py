@@ -179,7 +179,7 @@ def measure(
     every head. Without exits ``val_bitops`` equals ``bitops``.
     """
     device = next(module.parameters()).device
-    net = module.net
+    net: Any = module.net  # duck-typed: a net with exits has exit_costs / exit_rates
     report = cost_of(net, dm)
     row: dict[str, Any] = {}
     exits = hasattr(net, "exit_costs") and hasattr(net, "exit_rates")

@@ -53,6 +53,9 @@ def make_head(
 class ExitNet(nn.Module):
     """A staged backbone with exit heads after ``points`` (stage indices, ascending)."""
 
+    threshold: Tensor
+    exit_counts: Tensor
+
     def __init__(self, backbone: StagedNet, points: Sequence[int], heads: Sequence[nn.Module],
                  task: Task, threshold: float = 2.0, exit_weight: float = 1.0):  # fmt: skip
         super().__init__()
@@ -274,7 +277,7 @@ def select_threshold(module: CompressibleModule, batches: Any, costs: Sequence[f
     conf = torch.cat([task.confidence(o) for o in outs[:-1]])
     qs = torch.linspace(0, 1, 201)
     candidates = sorted({2.0, *torch.quantile(conf, qs).tolist()})
-    best = {"threshold": 2.0, "metric": full, "cost": float(costs[-1]),
+    best: dict[str, Any] = {"threshold": 2.0, "metric": full, "cost": float(costs[-1]),
             "rates": [0.0] * (len(outs) - 1) + [1.0]}  # fmt: skip
     for t in candidates:
         metric, rates, _ = simulate(task, outs, target, t)

@@ -107,7 +107,7 @@ def shapes_of(net: nn.Module) -> dict[str, list[int]]:
 def resize_to(net: nn.Module, shapes: dict[str, list[int]]) -> None:
     """Give the layers of ``net`` the recorded weight shapes (values are loaded afterwards)."""
     for name, shape in shapes.items():
-        m = net.get_submodule(name)
+        m: Any = net.get_submodule(name)
         if list(m.weight.shape) == list(shape):
             continue
         dev = m.weight.device

@@ -73,6 +73,11 @@ class ActQuantizer(nn.Module):
     Until calibrated it only records ``observed_max`` / ``observed_min`` and passes ``x`` through.
     """
 
+    signed: Tensor
+    calibrated: Tensor
+    observed_max: Tensor
+    observed_min: Tensor
+
     def __init__(self, bits: int, learn_scale: bool = False):
         super().__init__()
         self.bits = bits
@@ -112,7 +117,7 @@ class ActQuantizer(nn.Module):
         if not self.is_calibrated:
             return x
         qmin, qmax = self.qrange
-        step = self.step
+        step: Tensor = self.step
         if step.requires_grad and self.training:
             step = grad_scale(step, 1.0 / math.sqrt(x[0].numel() * qmax))
         return fake_quant(x, step.abs().clamp_min(1e-8), qmin, qmax)
