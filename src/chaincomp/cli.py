@@ -180,10 +180,49 @@ def cmd_run(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def cmd_sweep(cfg: DictConfig) -> dict[str, Any]:
+    """Create or resume the Optuna study ``search.name`` and run its trials."""
+    from rich.table import Table
+
+    from chaincomp.search import sweep
+
+    summary = sweep(cfg, _output_dir())
+    table = Table(
+        title=f"study {summary['study']}: Pareto front (validation), {summary['trials']} trials {summary['states']}"
+    )
+    cols = ("trial", "order", "val_metric", "val_bitops_ratio", "test_metric", "bitops_ratio")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "order" else "right")
+    for row in summary["front"]:
+        table.add_row(*(_fmt(row.get(c)) for c in cols))
+    console().print(table)
+    return summary
+
+
+def cmd_ui(cfg: DictConfig) -> int:
+    """Serve the MLflow UI for ``tracking.uri`` on 127.0.0.1 (``+port=5000``)."""
+    import subprocess
+
+    uri = str(cfg.tracking.uri)
+    port = int(cfg.get("port", 5000))
+    if uri.startswith(("http://", "https://")):
+        print(f"tracking.uri is a server already: open {uri}")
+        return 0
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
+           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    try:
+        return subprocess.call(cmd)
+    except KeyboardInterrupt:
+        return 0
+
+
 COMMANDS: dict[str, Callable[[DictConfig], Any]] = {
     "train": cmd_train,
     "cost": cmd_cost,
     "run": cmd_run,
+    "sweep": cmd_sweep,
+    "ui": cmd_ui,
 }
 
 USAGE = """usage: chaincomp <command> [key=value ...] [hydra options]
@@ -192,6 +231,8 @@ commands:
   train   train the baseline of data x model (e.g. chaincomp train data=digits model=small_cnn)
   cost    print the per-layer MACs / params / BitOps table of a model
   run     run a compression chain (e.g. chaincomp run chain=dpqe, chaincomp run chain.order=[Q,P])
+  sweep   an Optuna study over orders and settings (chaincomp sweep search.n_trials=30 search.n_workers=2)
+  ui      serve the MLflow UI for tracking.uri on 127.0.0.1 (chaincomp ui +port=5000)
 
 Every key of conf/ can be overridden (data=fashion_mnist model=resnet18 trainer.max_epochs=5);
 hydra.run.dir=... chooses the run directory; --cfg job prints the composed config.

@@ -249,13 +249,16 @@ def run_chain(
     run_name: str | None = None,
     tags: Mapping[str, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    on_start: Callable[[str | None], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg.chain`` on ``cfg.data`` x ``cfg.model``; returns the summary (also written as
     ``summary.json`` and ``chain/`` (entry.json + weights.pt) into ``output_dir``).
 
     MLflow: one run for the chain (child of ``parent`` when given), one child per step (the
     baseline included; a step taken from the cache is tagged ``chaincomp.cached=true``).
-    ``on_step(row)`` is called after every step (the search uses it to report progress).
+    ``on_step(row)`` is called after every step (the search uses it to report progress);
+    ``on_start(run_id)`` once the chain's MLflow run exists (the search records it at once, so
+    that a killed worker's runs can be closed).
     """
     spec = chain_spec(cfg)
     tracker = tracker or NullTracker()
@@ -284,6 +287,8 @@ def run_chain(
     name = run_name or f"chain {spec.letters or 'baseline'}"
     all_tags = {"chaincomp.command": "run", "chaincomp.order": spec.letters, **(tags or {})}
     with tracker.run(name=name, parent=parent, tags=all_tags) as chain_run:
+        if on_start:
+            on_start(chain_run.run_id)
         chain_run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         chain_run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 

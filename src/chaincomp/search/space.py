@@ -1,0 +1,159 @@
+"""The search space of a chain study: orders x per-stage hyperparameters.
+
+- The order is one categorical ``order`` over strings of step names (``"DPQE"``), enumerated
+  once from the study config (permutations of ``stages``, optionally of their subsets, or an
+  explicit ``orders`` list) and fixed for the whole study.
+- A stage hyperparameter is named ``<stage>.<key>`` (``prune.ratio``, ``quantize.w_bits``) and
+  suggested only when its step is in the trial's order, so the names are the same in every
+  order and a parameter never appears for an absent stage.
+- The distributions come from the ``search`` section of each step (``conf/stage/*.yaml``):
+  ``{type: float|int|categorical, low, high, step, log, choices}``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+
+from chaincomp.errors import ConfigError
+from chaincomp.stages import stage_class
+
+PARAM_TYPES = ("float", "int", "categorical")
+
+
+@dataclass(frozen=True)
+class Param:
+    """One searchable setting of one step."""
+
+    step: str
+    stage: str
+    key: str
+    type: str
+    low: float = 0.0
+    high: float = 0.0
+    step_size: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}.{self.key}"
+
+    def distribution(self) -> optuna.distributions.BaseDistribution:
+        if self.type == "categorical":
+            return optuna.distributions.CategoricalDistribution(self.choices)
+        if self.type == "int":
+            return optuna.distributions.IntDistribution(
+                int(self.low),
+                int(self.high),
+                log=self.log,
+                step=int(self.step_size or 1),
+            )
+        return optuna.distributions.FloatDistribution(
+            float(self.low),
+            float(self.high),
+            log=self.log,
+            step=self.step_size,
+        )
+
+    def suggest(self, trial: optuna.Trial) -> Any:
+        if self.type == "categorical":
+            return trial.suggest_categorical(self.name, list(self.choices))
+        if self.type == "int":
+            return trial.suggest_int(self.name, int(self.low), int(self.high),
+                                     step=int(self.step_size or 1), log=self.log)  # fmt: skip
+        return trial.suggest_float(self.name, float(self.low), float(self.high),
+                                   step=self.step_size, log=self.log)  # fmt: skip
+
+
+def _param(step: str, stage: str, key: str, spec: Mapping[str, Any]) -> Param:
+    where = f"chain.steps.{step}.search.{key}"
+    kind = spec.get("type")
+    if kind not in PARAM_TYPES:
+        raise ConfigError(f"{where}.type", f"unknown {kind!r}", PARAM_TYPES)
+    unknown = sorted(set(spec) - {"type", "low", "high", "step", "log", "choices"})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", ["type", "low", "high", "step", "log", "choices"])  # fmt: skip
+    if kind == "categorical":
+        choices = tuple(spec.get("choices") or ())
+        if not choices:
+            raise ConfigError(f"{where}.choices", "empty", "a non-empty list")
+        return Param(step, stage, key, kind, choices=choices)
+    low, high = spec.get("low"), spec.get("high")
+    if low is None or high is None or not low <= high:
+        raise ConfigError(f"{where}", f"bad range low={low!r} high={high!r}", "low <= high")
+    return Param(step, stage, key, kind, low, high, spec.get("step"), bool(spec.get("log", False)))
+
+
+def enumerate_orders(
+    stages: Sequence[str], subsets: bool = False, min_stages: int = 1
+) -> list[str]:
+    """Permutations of ``stages`` (all of them, or of every subset of >= ``min_stages``)."""
+    sizes = range(min_stages, len(stages) + 1) if subsets else [len(stages)]
+    return ["".join(p) for r in sizes for p in itertools.permutations(stages, r)]
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """Orders (fixed for the study) and the stage parameters, by step."""
+
+    orders: tuple[str, ...]
+    params: dict[str, tuple[Param, ...]] = field(default_factory=dict)
+
+    def suggest(
+        self, trial: optuna.Trial, with_params: bool = True
+    ) -> tuple[str, dict[str, dict[str, Any]]]:
+        """The trial's order and its settings overrides ``{step: {key: value}}``."""
+        order = trial.suggest_categorical("order", list(self.orders))
+        overrides: dict[str, dict[str, Any]] = {}
+        for step in order:
+            if with_params:
+                overrides[step] = {p.key: p.suggest(trial) for p in self.params.get(step, ())}
+        return str(order), overrides
+
+    def param_names(self) -> list[str]:
+        return ["order", *(p.name for ps in self.params.values() for p in ps)]
+
+
+def build_space(catalogue: Mapping[str, Any], stages: Sequence[str], orders: Sequence[str] | None,
+                subsets: bool, min_stages: int) -> SearchSpace:  # fmt: skip
+    """Validate the study's stages against the chain catalogue and collect the parameters.
+
+    Step names must be single characters (orders are strings of them) and name distinct
+    stages, so that ``<stage>.<key>`` is unambiguous.
+    """
+    if not stages:
+        raise ConfigError("search.stages", "empty", sorted(catalogue))
+    seen: dict[str, str] = {}
+    params: dict[str, tuple[Param, ...]] = {}
+    for step in stages:
+        if step not in catalogue:
+            raise ConfigError("search.stages", f"unknown step {step!r}", sorted(catalogue))
+        if len(step) != 1:
+            raise ConfigError("search.stages", f"step name {step!r} is not one character", "D, P, Q, E, ...")  # fmt: skip
+        entry = catalogue[step] or {}
+        stage = stage_class(str(entry.get("stage", step)), f"chain.steps.{step}.stage").name
+        if stage in seen:
+            raise ConfigError("search.stages", f"steps {seen[stage]!r} and {step!r} are both {stage}", "one step per stage")  # fmt: skip
+        seen[stage] = step
+        params[step] = tuple(
+            _param(step, stage, k, v) for k, v in (entry.get("search") or {}).items()
+        )
+    if orders:
+        bad = [
+            o for o in orders if not o or any(c not in stages for c in o) or len(set(o)) != len(o)
+        ]
+        if bad:
+            raise ConfigError("search.orders", f"invalid order {bad[0]!r}", f"strings of distinct steps from {list(stages)}")  # fmt: skip
+        all_orders = [str(o) for o in orders]
+    else:
+        if not 1 <= min_stages <= len(stages):
+            raise ConfigError(
+                "search.min_stages", f"{min_stages} out of range", f"1..{len(stages)}"
+            )
+        all_orders = enumerate_orders(stages, subsets, min_stages)
+    return SearchSpace(tuple(all_orders), params)

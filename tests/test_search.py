@@ -1,0 +1,359 @@
+"""Search: the space (ask/tell), real sweeps on digits, failures, resume after SIGKILL, workers on
+a real PostgreSQL server, lineage through a real MLflow server, ``chaincomp ui``."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from omegaconf import OmegaConf
+
+from chaincomp.errors import ConfigError
+from chaincomp.search import SearchConfig, build_space, sweep
+from chaincomp.search.study import Objective, space_of
+
+from .conftest import compose_cfg
+
+TINY = (
+    "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
+    "chain.steps.D.settings.epochs=1", "chain.steps.P.settings.epochs=1",
+    "chain.steps.Q.settings.epochs=1", "chain.steps.E.settings.epochs=1",
+    "chain.steps.Q.settings.calib_batches=1",
+)  # fmt: skip
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sweep_args(tmp: Path, *extra: str, tracking: str | None = None) -> list[str]:
+    uri = tracking or f"sqlite:///{tmp / 'mlflow.db'}"
+    return [*TINY, f"chain.cache_dir={tmp / 'cache'}", f"search.storage={tmp / 'study.journal'}",
+            f"tracking.uri={uri}", *extra]  # fmt: skip
+
+
+# ---------------------------------------------------------------- the space, ask / tell
+
+
+def test_space_names_are_stable_and_conditional() -> None:
+    cfg = compose_cfg()
+    space = space_of(cfg, SearchConfig.from_cfg(cfg))
+    assert len(space.orders) == 24 and "DPQE" in space.orders
+    study = optuna.create_study(directions=["maximize", "minimize"],
+                                sampler=optuna.samplers.RandomSampler(seed=0))  # fmt: skip
+    stage_of = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}
+    seen_orders = set()
+    for _ in range(40):
+        trial = study.ask()
+        order, overrides = space.suggest(trial)
+        seen_orders.add(order)
+        assert set(overrides) == set(order)
+        names = set(trial.params) - {"order"}
+        assert {n.split(".")[0] for n in names} == {stage_of[s] for s in order}
+        for step, values in overrides.items():
+            for key, value in values.items():
+                assert trial.params[f"{stage_of[step]}.{key}"] == value
+        # the order's choices are the same in every trial
+        dist = trial.distributions["order"]
+        assert list(dist.choices) == list(space.orders)
+        study.tell(trial, [1.0, 1.0])
+    assert len(seen_orders) > 10
+    assert {"prune.ratio", "quantize.w_bits", "distill.width_mult"} <= set(space.param_names())
+
+
+def test_space_subsets_and_explicit_orders() -> None:
+    cfg = compose_cfg()
+    catalogue = OmegaConf.to_container(cfg.chain.steps, resolve=True)
+    assert len(build_space(catalogue, ["P", "Q", "E"], None, True, 1).orders) == 3 + 6 + 6
+    assert build_space(catalogue, ["P", "Q"], ["PQ", "Q"], False, 1).orders == ("PQ", "Q")
+    with pytest.raises(ConfigError, match="search.orders"):
+        build_space(catalogue, ["P", "Q"], ["PX"], False, 1)
+    with pytest.raises(ConfigError, match="search.stages: unknown step 'Z'"):
+        build_space(catalogue, ["P", "Z"], None, False, 1)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("search.sampler=cmaes", "search.sampler"),
+        ("search.objective=cost", "search.max_metric_loss"),
+        ("search.n_trials=0", "search.n_trials"),
+        ("+search.speed=1", "search.speed"),
+    ],
+)
+def test_bad_search_config_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        SearchConfig.from_cfg(compose_cfg(override))
+
+
+def test_a_diverged_trial_fails_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chaincomp.search.study as sw
+
+    cfg = compose_cfg(*TINY, "tracking.enabled=false")
+    scfg = SearchConfig.from_cfg(cfg)
+    nan = float("nan")
+    fake = {"val_metric": nan, "val_bitops": 1.0, "module": None}
+    monkeypatch.setattr(sw, "run_chain", lambda *a, **k: dict(fake))
+    obj = Objective(cfg, scfg, space_of(cfg, scfg), tmp_path, sw.NullTracker(), None)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.optimize(obj, n_trials=1, catch=(Exception,))
+    t = study.trials[0]
+    assert t.state == optuna.trial.TrialState.FAIL
+    assert t.user_attrs["fail_reason"].startswith("TrialDiverged: non-finite result")
+
+
+# ---------------------------------------------------------------- real sweeps
+
+
+def test_sweep_on_digits_gives_a_front_and_lineage(tmp_path: Path) -> None:
+    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=4", "search.sampler=random",
+                                   "search.orders=[PQ,QP,Q,PQE]", "search.name=small"))  # fmt: skip
+    summary = sweep(cfg, tmp_path / "out")
+    assert summary["states"] == {"COMPLETE": 4}
+    front = summary["front"]
+    assert front and all(r["val_bitops_ratio"] > 1 for r in front)
+    bitops = [r["val_bitops"] for r in front]
+    metrics = [r["val_metric"] for r in front]
+    assert bitops == sorted(bitops) and metrics == sorted(
+        metrics
+    )  # a real front: more cost, more accuracy
+    for name in ("front.csv", "front.md", "front.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} >= {"front.png", "front.csv"}
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 4
+    study = optuna.load_study(study_name="small", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))))  # fmt: skip
+    by_run = {t.user_attrs["mlflow_run_id"]: t.number for t in study.trials}
+    for child in children:
+        assert int(child.data.tags["optuna.trial"]) == by_run[child.info.run_id]
+        steps = client.search_runs([exp], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
+        assert len(steps) == 1 + len(child.data.tags["chaincomp.order"])  # baseline + steps
+
+    # the same command again: nothing new, nothing repeated; different orders are refused
+    again = sweep(cfg, tmp_path / "out2")
+    assert again["trials"] == 4 and again["mlflow_run_id"] == summary["mlflow_run_id"]
+    other = compose_cfg(*_sweep_args(tmp_path, "search.orders=[PQ]", "search.name=small"))
+    with pytest.raises(ConfigError, match="search.orders"):
+        sweep(other, tmp_path / "out3")
+
+
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
+    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=4", "search.sampler=grid",
+                                   "search.orders=[Q,D,PQ,DQ]", "search.name=fails",
+                                   "chain.steps.D.settings.student=no_such_model"))  # fmt: skip
+    summary = sweep(cfg, tmp_path / "out")
+    assert summary["states"] == {"COMPLETE": 2, "FAIL": 2}
+    reasons = {f["reason"] for f in summary["failed"]}
+    assert all("stage.distill.student: unknown model 'no_such_model'" in r for r in reasons)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("chaincomp").experiment_id])
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert failed and all("no_such_model" in r.data.tags["error"] for r in failed)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def _journal_study(path: Path, name: str) -> optuna.Study:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return optuna.load_study(study_name=name, storage=storage)
+
+
+def test_sigkilled_worker_is_detected_and_the_sweep_finishes(tmp_path: Path) -> None:
+    args = _sweep_args(tmp_path, "search.n_trials=3", "search.sampler=random",
+                       "search.orders=[DPQ,PQE]", "search.name=killed",
+                       "chain.steps.D.settings.epochs=3")  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "chaincomp.cli",
+        "sweep",
+        *args,
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = None
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and victim is None:
+            time.sleep(0.3)
+            if not (tmp_path / "study.journal").exists():
+                continue
+            try:
+                study = _journal_study(tmp_path / "study.journal", "killed")
+            except KeyError:
+                continue
+            running = [t for t in study.trials if t.state.name == "RUNNING"
+                       and "mlflow_run_id" in t.user_attrs and t.number >= 1]  # fmt: skip
+            if running:
+                victim = running[0].number
+                time.sleep(1.0)  # well inside the trial: its chain and step runs are open
+                proc.send_signal(signal.SIGKILL)
+        assert victim is not None, "no trial started in time"
+    finally:
+        proc.kill()
+        proc.wait()
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    study = _journal_study(tmp_path / "study.journal", "killed")
+    states = [t.state.name for t in study.trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1
+    dead = next(t for t in study.trials if t.number == victim)
+    assert dead.state.name == "FAIL" and "died" in dead.user_attrs["fail_reason"]
+    retry = [t for t in study.trials if t.user_attrs.get("retry_of") == victim]
+    assert len(retry) == 1 and retry[0].params == dead.params and retry[0].state.name == "COMPLETE"
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("chaincomp").experiment_id])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+    assert client.get_run(dead.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+
+
+# ---------------------------------------------------------------- PostgreSQL, two workers
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for root in sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True):
+        if (root / name).exists():
+            return str(root / name)
+    return None
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A throw-away PostgreSQL server on 127.0.0.1 (Debian's postgresql), torn down after."""
+    initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        pytest.skip("PostgreSQL server binaries (apt-get install postgresql) not found")
+    pytest.importorskip("psycopg2")
+    data = Path(tempfile.mkdtemp(prefix="chaincomp-pg-", dir="/tmp"))
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        shutil.chown(data, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port = _free_port()
+    env = {**os.environ, "LC_ALL": "C"}
+    subprocess.run([*as_user, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True, env=env)  # fmt: skip
+    subprocess.run([*as_user, pg_ctl, "-D", str(data / "db"), "-w", "-l", str(data / "log"),
+                    "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"],
+                   check=True, capture_output=True, env=env)  # fmt: skip
+    try:
+        import psycopg2
+
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE optuna")
+        conn.close()
+        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"],
+                       capture_output=True, env=env)  # fmt: skip
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def test_two_workers_on_postgresql_record_every_trial_once(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=4", "search.n_workers=2",
+                                   "search.sampler=random", "search.orders=[PQ,QE,Q,P]",
+                                   "search.name=pg", f"search.storage={postgres_url}"))  # fmt: skip
+    summary = sweep(cfg, tmp_path / "out")
+    study = optuna.load_study(study_name="pg", storage=postgres_url)
+    trials = study.trials
+    assert 4 <= len(trials) <= 5  # two workers may both start the last trial
+    assert all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(t.number for t in trials) == list(range(len(trials)))
+    assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers took trials
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("chaincomp").experiment_id
+    children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
+    numbers = sorted(int(r.data.tags["optuna.trial"]) for r in children)
+    assert numbers == sorted(t.number for t in trials)  # each trial exactly one chain run
+
+
+# ---------------------------------------------------------------- MLflow server, ui
+
+
+@pytest.fixture
+def mlflow_server(tmp_path: Path) -> Iterator[str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+           f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
+           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/health", 120)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _wait_http(url: str, seconds: float) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer in {seconds} s")
+
+
+def test_lineage_through_a_real_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
+    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=2", "search.sampler=grid",
+                                   "search.orders=[PQ,Q]", "search.name=served",
+                                   tracking=mlflow_server))  # fmt: skip
+    summary = sweep(cfg, tmp_path / "out")
+    client = MlflowClient(mlflow_server)
+    parent = client.get_run(summary["mlflow_run_id"])
+    assert parent.data.tags["chaincomp.command"] == "sweep" and parent.info.status == "FINISHED"
+    exp = parent.info.experiment_id
+    chains = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["chaincomp.order"] for r in chains) == ["PQ", "Q"]
+    for chain in chains:
+        steps = client.search_runs([exp], f"tags.mlflow.parentRunId = '{chain.info.run_id}'")
+        assert sorted(r.info.run_name for r in steps)[0] in ("1:P", "1:Q")
+        assert "bitops_ratio" in chain.data.metrics
+    assert "front.png" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+
+
+def test_chaincomp_ui_serves_the_store(tmp_path: Path) -> None:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "chaincomp.cli", "ui", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
+           f"+port={port}", f"hydra.run.dir={tmp_path / 'out'}"]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    try:
+        _wait_http(f"http://127.0.0.1:{port}/", 120)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert json.dumps({"ok": True})
