@@ -68,11 +68,12 @@ def test_prefix_keys_depend_on_content_not_names(tmp_path: Path) -> None:
 
 
 def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
-    cfg = _cfg(tmp_path, "chain.order=[P,Q]")
+    cfg = _cfg(tmp_path, "chain.order=[P,Q,E]", "chain.steps.E.settings.max_loss=3.0")
     stats = CacheStats()
     summary = run_chain(cfg, tmp_path / "run1", stats=stats)
-    assert stats.executed == 2 and stats.baselines_trained == 1
-    assert summary["order"] == ["P", "Q"] and [s["name"] for s in summary["stages"]] == ["P", "Q"]
+    assert stats.executed == 3 and stats.baselines_trained == 1
+    assert summary["order"] == ["P", "Q", "E"]
+    assert [s["name"] for s in summary["stages"]] == ["P", "Q", "E"]
     for key in ("task", "metric_name", "val_metric", "test_metric", "macs", "bitops", "params",
                 "mlflow_run_id", "bitops_ratio", "metric_delta", "baseline", "stages"):  # fmt: skip
         assert key in summary
@@ -81,12 +82,12 @@ def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
     assert summary["metric_delta"] == pytest.approx(summary["test_metric"] - base["test_metric"])
     assert summary["bitops_ratio"] > 64  # 4/4-bit inner layers after pruning
     on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
-    assert on_disk["stages"][1]["bitops"] == summary["bitops"]
+    assert on_disk["stages"][2]["bitops"] == summary["bitops"]
 
     # the same chain again: nothing is executed, the numbers are identical
     stats2 = CacheStats()
     again = run_chain(cfg, tmp_path / "run2", stats=stats2)
-    assert stats2.executed == 0 and stats2.reused == 2 and stats2.baselines_trained == 0
+    assert stats2.executed == 0 and stats2.reused == 3 and stats2.baselines_trained == 0
     assert all(s["cached"] for s in again["stages"])
     assert again["test_metric"] == summary["test_metric"] and again["bitops"] == summary["bitops"]
 

@@ -76,7 +76,7 @@ def test_prune_with_exit_heads_and_quantized_layers(digits_base, digits_module) 
     ctx = make_ctx(cfg, dm)
     q = Quantize.from_config({"epochs": 0, "w_bits": 4, "a_bits": 4})
     ctx.records.append(q.run(module, ctx))
-    e = EarlyExit.from_config({"epochs": 0})
+    e = EarlyExit.from_config({"epochs": 0, "threshold_mode": "fixed"})
     ctx.records.append(e.run(module, ctx))
     net = module.net
     assert isinstance(net, ExitNet)
@@ -215,6 +215,12 @@ def test_validation_threshold_keeps_the_metric_within_max_loss(digits_base, digi
     sel = record["val_selection"]
     assert sel["metric"] >= sel["full_metric"] - 1.0
     assert sum(sel["rates"]) == pytest.approx(1.0)
+    # heads that no validation sample leaves at are removed; the rest are the record's points
+    net = module.net
+    assert net.points == record["points"] and len(net.exits) == len(net.points)
+    assert set(record["dropped_points"]) | set(net.points) == {0, 1}
+    used = [r for r in sel["rates"][:-1] if r > 0]
+    assert len(used) == len(net.points)
 
 
 def test_frozen_backbone_is_not_trained(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
@@ -264,13 +270,13 @@ def test_distill_transfers_bits_and_exits_and_drops_pruning(digits_base, digits_
     ctx = make_ctx(cfg, dm, max_batches=3)
     for stage in (Prune.from_config({"ratio": 0.3, "epochs": 0}),
                   Quantize.from_config({"epochs": 0, "w_bits": 2}),
-                  EarlyExit.from_config({"epochs": 0})):  # fmt: skip
+                  EarlyExit.from_config({"epochs": 0, "threshold_mode": "fixed"})):  # fmt: skip
         ctx.records.append(stage.run(module, ctx))
     teacher = module.net
     record = Distill.from_config({"epochs": 1, "width_mult": 0.5}).run(module, ctx)
     student = module.net
     assert student is not teacher and isinstance(student, ExitNet)
-    assert student.points == teacher.points
+    assert student.points == teacher.points == [0, 1]
     assert record["transferred"] == ["early_exit", "quantize"] and record["dropped"] == ["prune"]
     inner = [m for n, m in student.named_modules() if isinstance(m, QuantConv2d) and "stem" not in n
              and "exits" not in n]  # fmt: skip

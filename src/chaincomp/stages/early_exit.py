@@ -142,16 +142,29 @@ class ExitNet(nn.Module):
         total = int(self.exit_counts.sum())
         return [int(c) / total if total else 0.0 for c in self.exit_counts]
 
-    def exit_costs(self, report: CostReport, what: str = "bitops") -> list[float]:
+    def exit_costs(self, report: CostReport, what: str = "bitops",
+                   keep: set[int] | None = None) -> list[float]:  # fmt: skip
         """Cost of a sample that leaves at each exit (then the final head), from a report of
-        ``forward_all`` (see :func:`chaincomp.cost.count_cost`)."""
+        ``forward_all`` (see :func:`chaincomp.cost.count_cost`). ``keep``: the exits that would
+        remain if the others were removed (default: all)."""
+        keep = set(range(len(self.points))) if keep is None else keep
+        heads = [float(report.sum([f"exits.{j}"], what)) if j in keep else 0.0
+                 for j in range(len(self.points))]  # fmt: skip
         costs = []
         for k, p in enumerate(self.points):
-            prefixes = ["backbone.stem", *(f"backbone.stages.{i}" for i in range(p + 1)),
-                        *(f"exits.{j}" for j in range(k + 1))]  # fmt: skip
-            costs.append(float(report.sum(prefixes, what)))
-        costs.append(float(getattr(report, what)))
+            prefixes = ["backbone.stem", *(f"backbone.stages.{i}" for i in range(p + 1))]
+            costs.append(float(report.sum(prefixes, what)) + sum(heads[: k + 1]))
+        final = float(report.sum(["backbone"], what))
+        costs.append(final + sum(heads))
         return costs
+
+    def drop_exits(self, keep: set[int]) -> list[int]:
+        """Remove the exit heads not in ``keep`` (indices); returns the dropped points."""
+        dropped = [p for k, p in enumerate(self.points) if k not in keep]
+        self.exits = nn.ModuleList([h for k, h in enumerate(self.exits) if k in keep])
+        self.points = [p for k, p in enumerate(self.points) if k in keep]
+        self.exit_counts = self.exit_counts.new_zeros(len(self.points) + 1)
+        return dropped
 
 
 @dataclass(frozen=True)
@@ -266,42 +279,52 @@ def simulate(task: Task, outs: list[Tensor], target: Tensor, threshold: float
     return float(metric.compute()), rates.tolist(), where
 
 
-def select_threshold(module: CompressibleModule, batches: Any, costs: Sequence[float],
+def select_threshold(module: CompressibleModule, batches: Any, report: CostReport,
                      max_loss: float) -> dict[str, Any]:  # fmt: skip
     """The threshold with the smallest expected cost whose metric on ``batches`` stays within
     ``max_loss`` of the full network's (all samples at the final head). Candidates: 2.0 (no
-    early exit) and quantiles of the exit heads' confidences."""
+    early exit) and quantiles of the exit heads' confidences. A head no sample leaves at is
+    counted as removed (``keep`` in the result lists the heads that are used)."""
     task = module.task
+    net = module.net
+    assert isinstance(net, ExitNet)
     outs, target = collect(module, batches)
     full, _, _ = simulate(task, outs, target, 2.0)
     conf = torch.cat([task.confidence(o) for o in outs[:-1]])
     qs = torch.linspace(0, 1, 201)
     candidates = sorted({2.0, *torch.quantile(conf, qs).tolist()})
-    best: dict[str, Any] = {"threshold": 2.0, "metric": full, "cost": float(costs[-1]),
-            "rates": [0.0] * (len(outs) - 1) + [1.0]}  # fmt: skip
+    best: dict[str, Any] = {"threshold": 2.0, "metric": full, "keep": [],
+                            "cost": net.exit_costs(report, keep=set())[-1],
+                            "rates": [0.0] * (len(outs) - 1) + [1.0]}  # fmt: skip
     for t in candidates:
         metric, rates, _ = simulate(task, outs, target, t)
         ok = metric >= full - max_loss if task.higher_is_better else metric <= full + max_loss
+        keep = {k for k, r in enumerate(rates[:-1]) if r > 0}
+        costs = net.exit_costs(report, keep=keep)
         cost = sum(r * c for r, c in zip(rates, costs, strict=True))
         if ok and cost < best["cost"] - 1e-9:
-            best = {"threshold": float(t), "metric": metric, "cost": cost, "rates": rates}
+            best = {"threshold": float(t), "metric": metric, "cost": cost, "rates": rates,
+                    "keep": sorted(keep)}  # fmt: skip
     best["full_metric"] = full
     return best
 
 
-def retune(module: CompressibleModule, dm: Any) -> dict[str, Any] | None:
+def retune(module: CompressibleModule, dm: Any, drop: bool = False) -> dict[str, Any] | None:
     """Re-pick the threshold of an :class:`ExitNet` with its own rule (after a later step
-    changed the net). Returns the selection, or None for a fixed threshold or no exits."""
+    changed the net). With ``drop``, heads that no validation sample leaves at are removed
+    (outputs unchanged, cost lower). Returns the selection, or None for a fixed threshold or
+    no exits."""
     from chaincomp.cost import count_cost
 
     net = module.net
-    if not isinstance(net, ExitNet) or net.selection.get("mode") != "validation":
+    if not isinstance(net, ExitNet) or net.selection.get("mode") != "validation" or not net.points:
         return None
     device = next(module.parameters()).device
     report = count_cost(net, dm.example_input(1).to(device))
-    chosen = select_threshold(module, dm.loader("val", device), net.exit_costs(report),
+    chosen = select_threshold(module, dm.loader("val", device), report,
                               float(net.selection["max_loss"]))  # fmt: skip
     net.threshold.fill_(chosen["threshold"])
+    chosen["dropped_points"] = net.drop_exits(set(chosen["keep"])) if drop else []
     return chosen
 
 
@@ -352,10 +375,18 @@ class EarlyExit(Stage):
         assert isinstance(net, ExitNet)
         for p in net.parameters():
             p.requires_grad_(True)
-        chosen = retune(module, ctx.dm)
+        chosen = retune(module, ctx.dm, drop=True)
         record["threshold"] = float(net.threshold)
         if chosen is not None:
             record["val_selection"] = {k: chosen[k] for k in ("metric", "full_metric", "rates")}
+            record["dropped_points"] = chosen["dropped_points"]
+            record["points"] = list(net.points)  # replay builds the heads that remain
+            if "quantized_heads" in record:
+                record["quantized_heads"] = {
+                    name: [m.weight_bits, m.act_bits]
+                    for name, m in net.named_modules()
+                    if hasattr(m, "weight_bits")
+                }
         self._summary = {"exits": len(net.points), "threshold": min(float(net.threshold), 2.0)}
 
     @classmethod

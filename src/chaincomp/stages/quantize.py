@@ -34,9 +34,31 @@ from chaincomp.stages.base import ReplayInfo, Stage, StageContext, StageSettings
 CALIB_MODES = ("max", "percentile")
 
 
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.round()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _ReplaceSTE(torch.autograd.Function):
+    """Forward ``q`` exactly (not ``w + (q - w)``, which is off by rounding), gradient to ``w``."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, q: Tensor) -> Tensor:
+        return q
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad, None
+
+
 def round_ste(x: Tensor) -> Tensor:
-    """round(x) forward, identity backward."""
-    return x + (x.round() - x).detach()
+    """round(x) forward (exactly), identity backward."""
+    return _RoundSTE.apply(x)  # type: ignore[no-any-return]
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:
@@ -60,7 +82,7 @@ def quantize_weight(w: Tensor, bits: int) -> Tensor:
     shape = (-1,) + (1,) * (w.dim() - 1)
     if bits == 1:
         alpha = flat.abs().mean(dim=1).reshape(shape)
-        return w + (torch.where(w >= 0, alpha, -alpha) - w).detach()
+        return _ReplaceSTE.apply(w, torch.where(w >= 0, alpha, -alpha).detach())  # type: ignore[no-any-return]
     q = weight_levels(bits)
     step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
     return fake_quant(w, step, -q, q)
