@@ -133,11 +133,17 @@ def _constraints(trial: optuna.trial.FrozenTrial) -> Sequence[float]:
 
 def make_storage(scfg: SearchConfig, tracker: Tracker | NullTracker) -> optuna.storages.BaseStorage:
     if scfg.is_database:
+        import inspect
+
+        params = inspect.signature(optuna.storages.RDBStorage).parameters
+        # optuna >= 4.9 renamed failed_trial_callback to heartbeat_stale_trial_callback
+        key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params
+               else "failed_trial_callback")  # fmt: skip
         return optuna.storages.RDBStorage(
             scfg.storage,
             heartbeat_interval=scfg.heartbeat_interval,
             grace_period=scfg.grace_period,
-            failed_trial_callback=StaleHandler(tracker, scfg.retry_stale),
+            **{key: StaleHandler(tracker, scfg.retry_stale)},  # type: ignore[arg-type]
         )
     from optuna.storages.journal import JournalFileBackend
 
