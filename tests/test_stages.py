@@ -291,3 +291,14 @@ def test_attach_exits_rejects_unknown_points(digits_base, digits_module) -> None
     _, dm, _ = digits_base
     with pytest.raises(ConfigError, match="stage.early_exit.points"):
         attach_exits(digits_module, [7], "conv", 1.0, dm.example_input(1), 1.0)
+
+
+def test_an_exitnet_whose_heads_are_all_dropped_is_the_backbone(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
+    from chaincomp.pipeline import measure
+
+    _cfg, dm, module = _exit_module(digits_base, digits_module)
+    net = module.net
+    assert net.drop_exits(set()) == [0, 1] and net.points == []
+    row = measure(module, dm)
+    assert row["test_exit_rates"] == [1.0]
+    assert row["bitops"] == count_cost(net.backbone, dm.example_input(1)).bitops

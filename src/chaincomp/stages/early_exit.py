@@ -121,10 +121,10 @@ class ExitNet(nn.Module):
                     assert result is not None
                     return result
         y = self.backbone.head(h)
-        if result is None:
+        self.exit_counts[-1] += len(idx)
+        if result is None:  # no exit heads (all dropped)
             return y
         result[idx] = y.to(result.dtype)
-        self.exit_counts[-1] += len(idx)
         return result
 
     def auxiliary_loss(self, task: Task, target: Tensor) -> Tensor | None:
