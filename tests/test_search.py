@@ -181,9 +181,10 @@ def _journal_study(path: Path, name: str) -> optuna.Study:
 
 
 def test_sigkilled_worker_is_detected_and_the_sweep_finishes(tmp_path: Path) -> None:
+    # full digits epochs so that a trial lasts seconds: the kill lands inside one
     args = _sweep_args(tmp_path, "search.n_trials=3", "search.sampler=random",
                        "search.orders=[DPQ,PQE]", "search.name=killed",
-                       "chain.steps.D.settings.epochs=3")  # fmt: skip
+                       "trainer.limit_train_batches=null", "chain.steps.D.settings.epochs=6")  # fmt: skip
     cmd = [
         sys.executable,
         "-m",
@@ -193,27 +194,28 @@ def test_sigkilled_worker_is_detected_and_the_sweep_finishes(tmp_path: Path) -> 
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    victim = None
     deadline = time.time() + 240
     try:
-        while time.time() < deadline and victim is None:
-            time.sleep(0.3)
+        while time.time() < deadline:
+            time.sleep(0.2)
             if not (tmp_path / "study.journal").exists():
                 continue
             try:
                 study = _journal_study(tmp_path / "study.journal", "killed")
             except KeyError:
                 continue
-            running = [t for t in study.trials if t.state.name == "RUNNING"
-                       and "mlflow_run_id" in t.user_attrs and t.number >= 1]  # fmt: skip
-            if running:
-                victim = running[0].number
-                time.sleep(1.0)  # well inside the trial: its chain and step runs are open
+            if any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs and t.number >= 1
+                   for t in study.trials):  # fmt: skip
+                time.sleep(0.5)  # inside the trial: its chain and step runs are open
                 proc.send_signal(signal.SIGKILL)
-        assert victim is not None, "no trial started in time"
+                break
     finally:
         proc.kill()
         proc.wait()
+    running = [t for t in _journal_study(tmp_path / "study.journal", "killed").trials
+               if t.state.name == "RUNNING"]  # fmt: skip
+    assert len(running) == 1, "the kill did not land inside a trial"
+    victim = running[0].number
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     study = _journal_study(tmp_path / "study.journal", "killed")
