@@ -365,11 +365,10 @@ def write_front(
     import csv
 
     rows = front_rows(study, scfg)
-    keys = (
-        sorted({k for r in rows for k in r}, key=lambda k: (k not in rows[0], k))
-        if rows
-        else ["trial"]
-    )
+    lead = ["trial", "order", "val_metric", "val_bitops_ratio", "test_metric", "bitops_ratio",
+            "metric_delta", "val_bitops"]  # fmt: skip
+    rest = sorted({k for r in rows for k in r} - {*lead, "mlflow_run_id"})
+    keys = [*lead, *rest, "mlflow_run_id"]
 
     def _csv(p: Path) -> None:
         with open(p, "w", newline="") as f:
