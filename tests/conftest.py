@@ -84,22 +84,13 @@ def make_ctx(cfg, dm, records=None, max_batches=None):  # type: ignore[no-untype
 
     from omegaconf import OmegaConf
 
-    from chaincomp.pipeline import fit, trainer_config
+    from chaincomp.pipeline import fine_tuner, trainer_config
     from chaincomp.stages import StageContext
 
     tcfg = trainer_config(cfg)
     if max_batches is not None:
         tcfg = dataclasses.replace(tcfg, limit_train_batches=max_batches)
-
-    def _fit(module, epochs, callbacks=(), lr=None):  # type: ignore[no-untyped-def]
-        base = module.optim_cfg
-        if lr is not None:
-            module.optim_cfg = dataclasses.replace(base, lr=lr)
-        module.train()
-        try:
-            return fit(module, dm, tcfg, callbacks, max_epochs=epochs)
-        finally:
-            module.optim_cfg = base
-
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
-    return StageContext(dm=dm, fit=_fit, records=list(records or []), model_cfg=model_cfg)
+    return StageContext(
+        dm=dm, fit=fine_tuner(dm, tcfg), records=list(records or []), model_cfg=model_cfg
+    )

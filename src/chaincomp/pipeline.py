@@ -6,8 +6,9 @@ same functions, so there is one training path.
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,28 @@ def fit(
     start = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     return time.perf_counter() - start
+
+
+def fine_tuner(
+    dm: ChainDataModule, tcfg: TrainerConfig, extra_callbacks: Sequence[pl.Callback] = ()
+) -> Callable[..., float]:
+    """The ``fit`` a stage gets (``StageContext.fit``): ``fit(module, epochs, callbacks=(),
+    lr=None)`` puts the module in train mode (Lightning keeps the modes it finds; stages may
+    freeze parts later), runs one ``Trainer.fit`` with ``callbacks`` + ``extra_callbacks`` at
+    peak learning rate ``lr`` (None = the module's ``optim.lr``) and returns the wall time."""
+
+    def _fit(module: CompressibleModule, epochs: int, callbacks: Sequence[pl.Callback] = (),
+             lr: float | None = None) -> float:  # fmt: skip
+        base = module.optim_cfg
+        if lr is not None:
+            module.optim_cfg = dataclasses.replace(base, lr=lr)
+        module.train()
+        try:
+            return fit(module, dm, tcfg, [*callbacks, *extra_callbacks], max_epochs=epochs)
+        finally:
+            module.optim_cfg = base
+
+    return _fit
 
 
 def cost_of(net: nn.Module, dm: ChainDataModule) -> CostReport:

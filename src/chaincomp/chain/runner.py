@@ -34,7 +34,7 @@ from chaincomp.pipeline import (
     _section,
     build_data,
     build_module,
-    fit,
+    fine_tuner,
     measure,
     optim_config,
     trainer_config,
@@ -272,7 +272,6 @@ def run_chain(
     module = build_module(cfg, dm)
     device = torch.device("cuda" if tcfg.uses_cuda else "cpu")
     module.to(device)
-    base_optim = module.optim_cfg
     keys = prefix_keys(cfg, spec)
     cache = PrefixCache(spec.cache_dir)
     entry: dict[str, Any] = {
@@ -293,19 +292,7 @@ def run_chain(
         chain_run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
         def fine_tune(run: Run, prefix: str) -> Callable[..., float]:
-            def _fit(module: CompressibleModule, epochs: int, callbacks: Sequence[Any] = (),
-                     lr: float | None = None) -> float:  # fmt: skip
-                module.optim_cfg = (
-                    base_optim if lr is None else dataclasses.replace(base_optim, lr=lr)
-                )
-                module.train()  # Lightning keeps the modes it finds; stages may freeze parts
-                try:
-                    cbs = [*callbacks, MlflowMetricsCallback(run, prefix)]
-                    return fit(module, dm, tcfg, cbs, max_epochs=epochs)
-                finally:
-                    module.optim_cfg = base_optim
-
-            return _fit
+            return fine_tuner(dm, tcfg, [MlflowMetricsCallback(run, prefix)])
 
         # the longest cached prefix (index into keys); -1 = nothing, not even the baseline
         start = -1

@@ -20,7 +20,6 @@ grandchild per step; trial number and run id are cross-referenced (trial user at
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 import multiprocessing as mp
 import os
@@ -450,8 +449,6 @@ def work(cfg: DictConfig, scfg: SearchConfig, out: Path, parent_run_id: str | No
     """One worker: run trials until ``n_trials`` are counted or the timeout passes."""
     tracker = make_tracker(tracking_config(cfg))
     parent = Run(getattr(tracker, "client", None), parent_run_id) if parent_run_id else None
-    spec = chain_spec(cfg)
-    del spec
     space = space_of(cfg, scfg)
     storage = make_storage(scfg, tracker)
     handler = StaleHandler(tracker, scfg.retry_stale)
@@ -596,4 +593,4 @@ def summarize(
     return summary
 
 
-__all__ = ["SearchConfig", "dataclasses", "sweep", "work"]
+__all__ = ["SearchConfig", "sweep", "work"]

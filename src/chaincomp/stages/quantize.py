@@ -169,6 +169,10 @@ class _QuantMixin:
     def quantized_weight(self) -> Tensor:
         return quantize_weight(self.weight, self.weight_bits)
 
+    def effective_weight(self) -> Tensor:
+        """The quantized weight once calibrated; before that the layer computes in float."""
+        return self.quantized_weight() if self.act_quant.is_calibrated else self.weight
+
     def extra_repr(self) -> str:  # type: ignore[misc]
         return f"{super().extra_repr()}, w_bits={self.weight_bits}, a_bits={self.act_bits}"  # type: ignore[misc]
 
@@ -182,9 +186,7 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
         self._setup_quant(weight_bits, act_bits, learn_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.act_quant.is_calibrated:  # not yet calibrated: a float layer
-            return self._conv_forward(self.act_quant(x), self.weight, self.bias)
-        return self._conv_forward(self.act_quant(x), self.quantized_weight(), self.bias)
+        return self._conv_forward(self.act_quant(x), self.effective_weight(), self.bias)
 
     @classmethod
     def wrap(
@@ -210,9 +212,7 @@ class QuantLinear(_QuantMixin, nn.Linear):
         self._setup_quant(weight_bits, act_bits, learn_scale)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.act_quant.is_calibrated:  # not yet calibrated: a float layer
-            return nn.functional.linear(self.act_quant(x), self.weight, self.bias)
-        return nn.functional.linear(self.act_quant(x), self.quantized_weight(), self.bias)
+        return nn.functional.linear(self.act_quant(x), self.effective_weight(), self.bias)
 
     @classmethod
     def wrap(
@@ -272,25 +272,12 @@ def layer_plan(net: nn.Module, example: Tensor, s: QuantizeSettings) -> dict[str
     The first conv called in forward order gets ``first_bits``; linear layers (the task head and
     exit heads) get ``last_bits``; the rest ``w_bits`` / ``a_bits``.
     """
-    order: list[str] = []
-    names = {m: n for n, m in net.named_modules()}
-    hooks = [
-        m.register_forward_hook(lambda mod, i, o: order.append(names[mod]))
-        for m in net.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    was = net.training
-    net.eval()
-    try:
-        with torch.no_grad():
-            forward_all = getattr(net, "forward_all", None)
-            (forward_all or net)(example)
-    finally:
-        net.train(was)
-        for h in hooks:
-            h.remove()
+    from chaincomp.cost import count_cost
+
+    # the cost report lists the layers in first-call order (every path, exits included)
+    calls = count_cost(net, example[:1]).layers
+    first = next((layer.name for layer in calls if layer.kind == "conv"), None)
     plan: dict[str, list[int]] = {}
-    first = next((n for n in order if isinstance(net.get_submodule(n), nn.Conv2d)), None)
     for name, m in net.named_modules():
         if isinstance(m, nn.Linear):
             plan[name] = [s.last_bits, s.last_bits]
