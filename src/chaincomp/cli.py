@@ -217,12 +217,24 @@ def cmd_ui(cfg: DictConfig) -> int:
         return 0
 
 
+def cmd_report(cfg: DictConfig) -> dict[str, Any]:
+    """Tables and plots of a study (``report.source``) read back from MLflow (``tracking.uri``)
+    into ``<report.out_dir>/<study>/results/<report.label>/``."""
+    from chaincomp.report import report
+
+    written = report(cfg)
+    for study, path in written.items():
+        print(f"{study}: {path}")
+    return {study: str(path) for study, path in written.items()}
+
+
 COMMANDS: dict[str, Callable[[DictConfig], Any]] = {
     "train": cmd_train,
     "cost": cmd_cost,
     "run": cmd_run,
     "sweep": cmd_sweep,
     "ui": cmd_ui,
+    "report": cmd_report,
 }
 
 USAGE = """usage: chaincomp <command> [key=value ...] [hydra options]
@@ -232,6 +244,7 @@ commands:
   cost    print the per-layer MACs / params / BitOps table of a model
   run     run a compression chain (e.g. chaincomp run chain=dpqe, chaincomp run chain.order=[Q,P])
   sweep   an Optuna study over orders and settings (chaincomp sweep search.n_trials=30 search.n_workers=2)
+  report  tables and plots of a study from MLflow (chaincomp report experiment=orders_fashion)
   ui      serve the MLflow UI for tracking.uri on 127.0.0.1 (chaincomp ui +port=5000)
 
 Every key of conf/ can be overridden (data=fashion_mnist model=resnet18 trainer.max_epochs=5);
