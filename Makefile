@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)/mnist),)
 export CHAINCOMP_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup demo demo-digits test test-slow test-gpu lint format typecheck bench clean help
+.PHONY: setup demo demo-digits test test-slow test-gpu lint format typecheck bench studies reports strip-notebooks clean help
 
 help:
 	@echo "make setup      create/reuse $(VENV) and install chaincomp[dev]"
@@ -21,6 +21,9 @@ help:
 	@echo "make test-slow  the long quality tests (real datasets, minutes)"
 	@echo "make lint       ruff check + format check;  make format: apply ruff format"
 	@echo "make typecheck  mypy;  make bench: training throughput vs a plain PyTorch loop"
+	@echo "make studies    the CPU-size order studies (24 orders on Fashion-MNIST and rotation, ~1 h each)"
+	@echo "make reports    chaincomp report for every study into experiments/*/results/"
+	@echo "make strip-notebooks  clear the outputs of notebooks/*.ipynb before a commit"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +66,19 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+
+studies: setup
+	$(BIN)/chaincomp sweep experiment=orders_fashion
+	$(BIN)/chaincomp sweep experiment=orders_rotation
+
+reports: setup
+	$(BIN)/chaincomp report experiment=orders_fashion
+	$(BIN)/chaincomp report experiment=orders_rotation
+	$(BIN)/chaincomp report experiment=headline_cifar10 \
+		tracking.uri=sqlite:///experiments/headline/results/cifar10/runs-h200.sqlite
+
+strip-notebooks: setup
+	$(BIN)/python notebooks/strip.py notebooks/*.ipynb
 
 clean:
 	rm -rf runs outputs multirun .pytest_cache .ruff_cache .mypy_cache
