@@ -186,3 +186,21 @@ def test_notebook_is_stripped_and_runs_on_the_study(tiny_study: tuple[Path, str]
                 os.environ[k] = v
     outputs = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
     assert "6 chains" in outputs and "derived order" in outputs
+
+
+@pytest.mark.parametrize(
+    ("name", "source", "letters"),
+    [("orders_fashion", "orders_fashion", "DPQE"), ("orders_rotation", "orders_rotation", "DPQE"),
+     ("orders_cifar10", "orders_cifar10", "DPQE"), ("headline_cifar10", "headline_cifar10", "DPQE")],
+)  # fmt: skip
+def test_study_configs_compose_and_validate(name: str, source: str, letters: str) -> None:
+    from omegaconf import OmegaConf
+
+    from chaincomp.chain.runner import chain_spec
+    from chaincomp.search import SearchConfig
+
+    cfg = compose_cfg(f"experiment={name}")
+    assert chain_spec(cfg).letters == letters
+    SearchConfig.from_cfg(cfg)
+    rcfg = rp.ReportConfig.from_dict(OmegaConf.to_container(cfg.report, resolve=True))  # type: ignore[arg-type]
+    assert rcfg.source == source
