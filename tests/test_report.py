@@ -73,6 +73,20 @@ def test_ties_go_to_bitops_and_cycles_fall_back_to_wins() -> None:
     assert prec["wins"] == {"A": 1, "B": 1, "C": 1}
 
 
+def test_ties_give_no_edge_and_several_sorts_are_flagged() -> None:
+    base = rp.State("", 90.0, 0.0, 1.0, None)  # type: ignore[arg-type]
+    states = {"": base, **{o: rp.State(o, m, m - 90.0, r, None)  # type: ignore[arg-type]
+              for o, m, r in (("AB", 88.0, 4.0), ("BA", 88.0, 4.0), ("AC", 87.0, 4.0),
+                              ("CA", 86.0, 4.0), ("BC", 85.0, 2.0), ("CB", 85.0, 2.0))}}  # fmt: skip
+    pairs = rp.pairwise(states, ["A", "B", "C"], True, 0.0)
+    assert [p["winner"] for p in pairs] == ["tie", "AC", "tie"]
+    prec = rp.precedence(pairs, ["A", "B", "C"])
+    assert prec["edges"] == [("A", "C")] and not prec["unique"] and prec["cycle"] is None
+    assert prec["order"] == "ABC"  # A (one win) first, then B and C in the given order
+    assert rp.consistent("BAC", prec["edges"]) and not rp.consistent("CAB", prec["edges"])
+    assert rp.insertion(states, pairs, ["A", "B", "C"], True, 0.0) == []  # ABC/CBA not measured
+
+
 def test_pareto_front_is_exact() -> None:
     pts = [(90.0, 10.0), (85.0, 100.0), (80.0, 50.0), (90.0, 5.0), (70.0, 1000.0)]
     assert rp.pareto(pts, True) == [4, 1, 0]

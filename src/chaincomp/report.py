@@ -213,6 +213,12 @@ def better(a: State, b: State, higher_is_better: bool, tie_tol: float = 0.0) -> 
     return a.bitops_ratio >= b.bitops_ratio
 
 
+def same(a: State, b: State, tie_tol: float = 0.0) -> bool:
+    """Whether neither order is better: metrics within ``tie_tol`` and the same BitOps."""
+    close = abs(a.metric - b.metric) <= tie_tol
+    return close and math.isclose(a.bitops_ratio, b.bitops_ratio, rel_tol=1e-9)
+
+
 def stages_of(chains: Sequence[Chain]) -> list[str]:
     """The stage names of the study, in the order of the paper (D, P, Q, E) where present."""
     names = sorted({c for chain in chains for c in chain.order})
@@ -222,45 +228,67 @@ def stages_of(chains: Sequence[Chain]) -> list[str]:
 
 def pairwise(states: Mapping[str, State], stages: Sequence[str], hib: bool,
              tie_tol: float) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per unordered pair with both 2-step orders measured."""
+    """One row per unordered pair with both 2-step orders measured; ``winner`` is the better
+    order or ``'tie'`` (same metric within ``tie_tol`` and the same BitOps)."""
     rows = []
     for a, b in itertools.combinations(stages, 2):
         ab, ba = states.get(a + b), states.get(b + a)
         if ab is None or ba is None:
             continue
-        win = ab if better(ab, ba, hib, tie_tol) else ba
+        if same(ab, ba, tie_tol):
+            winner = "tie"
+        else:
+            winner = (ab if better(ab, ba, hib, tie_tol) else ba).order
         rows.append({"pair": f"{a},{b}", "first": ab.order, "first_metric": ab.metric,
                      "first_bitops_ratio": ab.bitops_ratio, "second": ba.order,
                      "second_metric": ba.metric, "second_bitops_ratio": ba.bitops_ratio,
-                     "winner": win.order,
+                     "winner": winner,
                      "margin": abs(ab.metric - ba.metric)})  # fmt: skip
     return rows
 
 
 def precedence(pairs: Sequence[Mapping[str, Any]], stages: Sequence[str]) -> dict[str, Any]:
-    """The precedence graph (edge X->Y: X before Y won) and its topological sort; on a cycle,
-    the cycle and a ranking by pairwise wins (Copeland) instead."""
-    edges = [(p["winner"][0], p["winner"][1]) for p in pairs]
+    """The precedence graph (edge X->Y: X before Y won; ties give no edge) and its topological
+    sort. Where several sorts exist (``unique`` False) the one taking the ready stage with the
+    most pairwise wins first (then the first in ``stages``) is given; on a cycle, the cycle and
+    the ranking by wins (Copeland). :func:`consistent` tells whether an order respects every
+    edge."""
+    edges = [(p["winner"][0], p["winner"][1]) for p in pairs if p["winner"] != "tie"]
     graph: dict[str, set[str]] = {s: set() for s in stages}
     for x, y in edges:
         graph[y].add(x)  # y depends on x
     wins = {s: sum(1 for x, _ in edges if x == s) for s in stages}
-    try:
-        order = "".join(TopologicalSorter(graph).static_order())
-        # static_order is one valid sort; report whether it is the only one (a total order)
-        unique = all((order[i], order[i + 1]) in set(edges) for i in range(len(order) - 1))
-        return {"edges": edges, "order": order, "cycle": None, "unique": unique, "wins": wins}
-    except CycleError as err:
-        ranking = "".join(sorted(stages, key=lambda s: (-wins[s], stages.index(s))))
-        return {"edges": edges, "order": ranking, "cycle": list(err.args[1]), "unique": False,
-                "wins": wins}  # fmt: skip
+    rank = {s: (-wins[s], i) for i, s in enumerate(stages)}
+    order, unique, left = "", True, set(stages)
+    while left:  # Kahn's algorithm, the ready stage with the most wins first
+        ready = sorted((s for s in left if not graph[s] & left), key=lambda s: rank[s])
+        if not ready:
+            try:
+                TopologicalSorter({s: graph[s] & left for s in left}).prepare()
+            except CycleError as err:
+                cycle = list(err.args[1])
+            ranking = "".join(sorted(stages, key=lambda s: rank[s]))
+            return {"edges": edges, "order": ranking, "cycle": cycle, "unique": False,
+                    "wins": wins}  # fmt: skip
+        unique = unique and len(ready) == 1
+        order += ready[0]
+        left.remove(ready[0])
+    return {"edges": edges, "order": order, "cycle": None, "unique": unique, "wins": wins}
+
+
+def consistent(order: str, edges: Sequence[tuple[str, str]]) -> bool:
+    """Whether ``order`` puts X before Y for every edge (X, Y) among its stages."""
+    return all(order.index(x) < order.index(y) for x, y in edges if x in order and y in order)
 
 
 def insertion(states: Mapping[str, State], pairs: Sequence[Mapping[str, Any]],
               stages: Sequence[str], hib: bool, tie_tol: float) -> list[dict[str, Any]]:  # fmt: skip
-    """For each pair won by A->B and each third stage C: A->C->B vs B->C->A."""
+    """For each pair won by A->B and each third stage C: A->C->B vs B->C->A (tied pairs have
+    no preference to keep and are left out)."""
     rows = []
     for p in pairs:
+        if p["winner"] == "tie":
+            continue
         a, b = p["winner"][0], p["winner"][1]
         for c in stages:
             if c in (a, b):
@@ -486,22 +514,37 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
             write_csv(out / "pairwise.csv", pairs, keys)
             text = head + "## Pairwise orders\n\nEach pair of stages applied both ways from the "
             text += "same baseline; the winner has the better test metric"
-            text += f" (ties within {rcfg.tie_tol} go to the larger BitOps reduction).\n\n"
+            text += f" (differences within {rcfg.tie_tol} go to the larger BitOps reduction; "
+            text += (
+                "`tie`: the same metric and BitOps both ways, no edge in the precedence graph).\n\n"
+            )
             write_text(out / "pairwise.md", text + markdown_table(pairs, keys))
         elif study == "precedence":
             prec = precedence(pairs, stages)
             lines = [head, "## Precedence graph\n\n", "```mermaid\ngraph LR\n"]
             lines += [f"  {x} --> {y}\n" for x, y in prec["edges"]]
             lines.append("```\n\n")
+            paper = "".join(c for c in PAPER_ORDER if c in stages)
+            ties = [p["pair"] for p in pairs if p["winner"] == "tie"]
+            if ties:
+                lines.append(f"Tied pairs (no edge): {', '.join(ties)}.\n\n")
             if prec["cycle"]:
                 lines.append(f"The graph has a cycle ({' -> '.join(prec['cycle'])}); the order by "
                              f"pairwise wins is **{'->'.join(prec['order'])}**.\n")  # fmt: skip
             else:
                 kind = "the only order consistent with every pair" if prec["unique"] else (
-                    "one of several orders consistent with the pairs")  # fmt: skip
+                    "one of several orders consistent with the pairs; ready stages taken by "
+                    "pairwise wins")  # fmt: skip
                 lines.append(f"Topological sort: **{'->'.join(prec['order'])}** ({kind}).\n")
-            same = prec["order"] == "".join(c for c in PAPER_ORDER if c in stages)
-            lines.append(f"\nThe paper's order D->P->Q->E: {'reproduced' if same else 'not reproduced'}.\n")  # fmt: skip
+            if prec["order"] == paper and prec["unique"]:
+                verdict = "reproduced (the only consistent order)"
+            elif consistent(paper, prec["edges"]) and not prec["cycle"]:
+                verdict = "consistent with every pair, but not the only consistent order"
+            else:
+                broken = [f"{x}->{y}" for x, y in prec["edges"]
+                          if paper.index(x) > paper.index(y)]  # fmt: skip
+                verdict = f"not reproduced (the pairs prefer {', '.join(broken) or 'otherwise'})"
+            lines.append(f"\nThe paper's order {'->'.join(paper)}: {verdict}.\n")
             wins = [{"stage": s, "wins": prec["wins"][s]} for s in stages]
             lines.append("\n" + markdown_table(wins, ("stage", "wins")))
             write_text(out / "precedence.md", "".join(lines))
