@@ -460,10 +460,11 @@ def plot_matrix(matrix: Sequence[Sequence[float]], stages: Sequence[str], hib: b
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
-    vals = [v for line in matplotlib_safe(matrix) for v in line if not math.isnan(v)]
+    grid = [[float(v) for v in line] for line in matrix]
+    vals = [v for line in grid for v in line if not math.isnan(v)]
     lim = max([abs(v) for v in vals] or [1.0])
     cmap = "RdBu" if hib else "RdBu_r"
-    im = ax.imshow(matplotlib_safe(matrix), cmap=cmap, vmin=-lim, vmax=lim)
+    im = ax.imshow(grid, cmap=cmap, vmin=-lim, vmax=lim)
     ax.set_xticks(range(len(stages)), [f"before {s}" for s in stages], fontsize=8)
     ax.set_yticks(range(len(stages)), stages)
     for i, line in enumerate(matrix):
@@ -473,10 +474,6 @@ def plot_matrix(matrix: Sequence[Sequence[float]], stages: Sequence[str], hib: b
     fig.colorbar(im, ax=ax, label=f"mean Δ test {_metric_name(hib)}")
     ax.set_title(title, fontsize=9)
     save_figure(fig, path)
-
-
-def matplotlib_safe(matrix: Sequence[Sequence[float]]) -> list[list[float]]:
-    return [[float(v) for v in line] for line in matrix]
 
 
 # ---------------------------------------------------------------- the command
