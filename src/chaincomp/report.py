@@ -566,8 +566,12 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
                      "macs": c.last.macs, "params": c.last.params, "size_mb": c.last.size_mb,
                      "run_id": c.run_id} for c in full]  # fmt: skip
             rows.sort(key=lambda r: -float(r["test_metric"]) if hib else float(r["test_metric"]))
-            for i, r in enumerate(rows):
-                r["rank"] = i + 1
+            for r in rows:  # competition ranking: equal chains share a rank
+                r["rank"] = 1 + sum(
+                    1 for o in rows
+                    if (o["test_metric"] > r["test_metric"] if hib else o["test_metric"] < r["test_metric"])
+                    or (o["test_metric"] == r["test_metric"] and o["bitops_ratio"] > r["bitops_ratio"])
+                )  # fmt: skip
             keys = ("rank", "order", "test_metric", "delta", "bitops_ratio", "macs", "params",
                     "size_mb", "run_id")  # fmt: skip
             write_csv(out / "orders.csv", rows, keys)
@@ -577,7 +581,9 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
             rank = next((r["rank"] for r in rows if r["order"] == paper), None)
             text = head + f"## All {len(rows)} orders\n\nRanked by the final test metric. "
             if rank is not None:
-                text += f"The paper's {'->'.join(paper)} ranks {rank} of {len(rows)}.\n\n"
+                shared = sum(1 for r in rows if r["rank"] == rank) - 1
+                text += f"The paper's {'->'.join(paper)} ranks {rank} of {len(rows)}"
+                text += f" (tied with {shared} other orders).\n\n" if shared else ".\n\n"
             text += markdown_table(rows, keys[:-1])
             text += "\n## Order effect\n\nRow X, column Y: mean final test metric of the orders "
             text += "with X before Y minus the mean of those with Y before X.\n\n"
