@@ -236,13 +236,15 @@ def pairwise(states: Mapping[str, State], stages: Sequence[str], hib: bool,
         if ab is None or ba is None:
             continue
         if same(ab, ba, tie_tol):
-            winner = "tie"
+            winner, dominates = "tie", False
         else:
-            winner = (ab if better(ab, ba, hib, tie_tol) else ba).order
+            win, lose = (ab, ba) if better(ab, ba, hib, tie_tol) else (ba, ab)
+            # whether the winner also compresses at least as much (no trade-off)
+            winner, dominates = win.order, win.bitops_ratio >= lose.bitops_ratio * (1 - 1e-9)
         rows.append({"pair": f"{a},{b}", "first": ab.order, "first_metric": ab.metric,
                      "first_bitops_ratio": ab.bitops_ratio, "second": ba.order,
                      "second_metric": ba.metric, "second_bitops_ratio": ba.bitops_ratio,
-                     "winner": winner,
+                     "winner": winner, "dominates": dominates,
                      "margin": abs(ab.metric - ba.metric)})  # fmt: skip
     return rows
 
@@ -506,15 +508,17 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
     for study in rcfg.studies:
         out = folder(study)
         if study == "pairwise":
-            keys = ("pair", "first", "first_metric", "first_bitops_ratio", "second",
-                    "second_metric", "second_bitops_ratio", "winner", "margin")  # fmt: skip
+            keys: tuple[str, ...] = ("pair", "first", "first_metric", "first_bitops_ratio", "second",
+                    "second_metric", "second_bitops_ratio", "winner", "margin", "dominates")  # fmt: skip
             write_csv(out / "pairwise.csv", pairs, keys)
             text = head + "## Pairwise orders\n\nEach pair of stages applied both ways from the "
             text += "same baseline; the winner has the better test metric"
             text += f" (differences within {rcfg.tie_tol} go to the larger BitOps reduction; "
             text += (
-                "`tie`: the same metric and BitOps both ways, no edge in the precedence graph).\n\n"
+                "`tie`: the same metric and BitOps both ways, no edge in the precedence graph). "
             )
+            text += "`dominates`: the winner also reduces BitOps at least as much; `no` marks a "
+            text += "trade-off (better metric, less compression).\n\n"
             write_text(out / "pairwise.md", text + markdown_table(pairs, keys))
         elif study == "precedence":
             prec = precedence(pairs, stages)
@@ -566,24 +570,30 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
                      "macs": c.last.macs, "params": c.last.params, "size_mb": c.last.size_mb,
                      "run_id": c.run_id} for c in full]  # fmt: skip
             rows.sort(key=lambda r: -float(r["test_metric"]) if hib else float(r["test_metric"]))
+            on_front = set(pareto([(r["test_metric"], r["bitops_ratio"]) for r in rows], hib))
+            for i, r in enumerate(rows):
+                r["pareto"] = i in on_front
             for r in rows:  # competition ranking: equal chains share a rank
                 r["rank"] = 1 + sum(
                     1 for o in rows
                     if (o["test_metric"] > r["test_metric"] if hib else o["test_metric"] < r["test_metric"])
                     or (o["test_metric"] == r["test_metric"] and o["bitops_ratio"] > r["bitops_ratio"])
                 )  # fmt: skip
-            keys = ("rank", "order", "test_metric", "delta", "bitops_ratio", "macs", "params",
-                    "size_mb", "run_id")  # fmt: skip
+            keys = ("rank", "order", "test_metric", "delta", "bitops_ratio", "pareto", "macs",
+                    "params", "size_mb", "run_id")  # fmt: skip
             write_csv(out / "orders.csv", rows, keys)
             write_csv(out / "steps.csv", steps, STEP_KEYS)
             matrix = order_effect(chains, stages)
             paper = "".join(c for c in PAPER_ORDER if c in stages)
             rank = next((r["rank"] for r in rows if r["order"] == paper), None)
-            text = head + f"## All {len(rows)} orders\n\nRanked by the final test metric. "
+            text = head + f"## All {len(rows)} orders\n\nRanked by the final test metric; "
+            text += "`pareto`: no other order has a better metric and a larger BitOps reduction. "
             if rank is not None:
                 shared = sum(1 for r in rows if r["rank"] == rank) - 1
+                front = next(r["pareto"] for r in rows if r["order"] == paper)
                 text += f"The paper's {'->'.join(paper)} ranks {rank} of {len(rows)}"
-                text += f" (tied with {shared} other orders).\n\n" if shared else ".\n\n"
+                text += f" (tied with {shared} other orders)" if shared else ""
+                text += f" and is {'on' if front else 'off'} the Pareto front of the orders.\n\n"
             text += markdown_table(rows, keys[:-1])
             text += "\n## Order effect\n\nRow X, column Y: mean final test metric of the orders "
             text += "with X before Y minus the mean of those with Y before X.\n\n"
