@@ -145,9 +145,12 @@ def test_report_of_a_grid_study_matches_mlflow(tiny_study: tuple[Path, str]) -> 
     res = {s: out / s / "results" / "digits" for s in written}
     pairs = _read_csv(res["pairwise"] / "pairwise.csv")
     assert [p["pair"] for p in pairs] == ["P,Q", "P,E", "Q,E"]
-    assert all(p["winner"] in (p["first"], p["second"]) for p in pairs)
+    assert all(p["winner"] in (p["first"], p["second"], "tie") for p in pairs)
+    decided = [p for p in pairs if p["winner"] != "tie"]
     ins = _read_csv(res["insertion"] / "insertion.csv")
-    assert len(ins) == 3 and {r["inserted"] for r in ins} == {"P", "Q", "E"}
+    assert len(ins) == len(decided)  # one third stage per decided pair
+    for row in ins:
+        assert row["inserted"] not in row["pair"]
     orders = _read_csv(res["all_orders"] / "orders.csv")
     assert sorted(r["order"] for r in orders) == sorted(["PQE", "PEQ", "QPE", "QEP", "EPQ", "EQP"])
     ranks = [int(r["rank"]) for r in orders]
