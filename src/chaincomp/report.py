@@ -569,7 +569,12 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
                      "bitops_ratio": c.base.bitops / max(c.last.bitops, 1e-12),
                      "macs": c.last.macs, "params": c.last.params, "size_mb": c.last.size_mb,
                      "run_id": c.run_id} for c in full]  # fmt: skip
-            rows.sort(key=lambda r: -float(r["test_metric"]) if hib else float(r["test_metric"]))
+            rows.sort(
+                key=lambda r: (
+                    -float(r["test_metric"]) if hib else float(r["test_metric"]),
+                    -float(r["bitops_ratio"]),
+                )
+            )
             on_front = set(pareto([(r["test_metric"], r["bitops_ratio"]) for r in rows], hib))
             for i, r in enumerate(rows):
                 r["pareto"] = i in on_front
