@@ -248,3 +248,15 @@ def test_the_four_stage_order_study_on_digits_end_to_end(tmp_path: Path) -> None
     assert len(ins) == 2 * (6 - ties)  # two third stages per decided pair
     text = (res / "precedence" / "results" / "digits" / "precedence.md").read_text()
     assert "The paper's order D->P->Q->E" in text
+
+
+def test_atomic_writes_get_ordinary_permissions(tmp_path: Path) -> None:
+    from chaincomp.utils import atomic_write
+
+    old = os.umask(0o022)
+    try:
+        path = atomic_write(tmp_path / "a.md", lambda p: p.write_text("x"))
+    finally:
+        os.umask(old)
+    assert path.read_text() == "x" and (path.stat().st_mode & 0o777) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.md"]  # no temporary left behind

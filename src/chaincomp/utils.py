@@ -18,6 +18,8 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object])
     """Call ``writer(tmp_path)`` then rename the temp file onto ``path``.
 
     Readers never see a half-written file: either the old content or the complete new one.
+    The file gets the permissions a plain ``open(path, "w")`` would (0666 less the umask), not
+    the private 0600 of a temporary file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -26,11 +28,18 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object])
     tmp_path = Path(tmp)
     try:
         writer(tmp_path)
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:
