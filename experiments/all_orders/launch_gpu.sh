@@ -7,10 +7,4 @@
 #
 # Extra arguments are chaincomp overrides for both commands (a reduced-size CPU proof:
 #   experiments/all_orders/launch_gpu.sh trainer=cpu search.n_workers=1 data.max_train_samples=500 ...).
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-CHAINCOMP=${CHAINCOMP:-chaincomp}
-start=$(date +%s)
-$CHAINCOMP sweep experiment=orders_cifar10 "$@"
-echo "study: $(( $(date +%s) - start )) s"
-$CHAINCOMP report experiment=orders_cifar10 "$@"
+exec "$(dirname "$0")/../launch.sh" sweep orders_cifar10 "$@"

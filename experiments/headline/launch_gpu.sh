@@ -9,10 +9,4 @@
 # Extra arguments are chaincomp overrides for both commands, e.g. the reduced-size CPU proof:
 #   experiments/headline/launch_gpu.sh trainer=cpu trainer.precision=bf16-mixed \
 #       data.max_train_samples=1000 trainer.max_epochs=1 ...
-set -euo pipefail
-cd "$(dirname "$0")/../.."
-CHAINCOMP=${CHAINCOMP:-chaincomp}
-start=$(date +%s)
-$CHAINCOMP run experiment=headline_cifar10 "$@"
-echo "chain: $(( $(date +%s) - start )) s"
-$CHAINCOMP report experiment=headline_cifar10 "$@"
+exec "$(dirname "$0")/../launch.sh" run headline_cifar10 "$@"

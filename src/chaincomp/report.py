@@ -24,8 +24,6 @@ each written atomically.
 
 from __future__ import annotations
 
-import csv
-import io
 import itertools
 import math
 import re
@@ -35,8 +33,9 @@ from graphlib import CycleError, TopologicalSorter
 from pathlib import Path
 from typing import Any
 
+from chaincomp import utils
 from chaincomp.errors import ConfigError
-from chaincomp.utils import atomic_write
+from chaincomp.utils import atomic_write, pyplot, write_csv
 
 STUDIES = ("pairwise", "precedence", "insertion", "all_orders", "headline")
 PAPER_ORDER = "DPQE"
@@ -355,17 +354,7 @@ def _fmt(v: Any) -> str:
 
 
 def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(_fmt(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + "\n"
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(keys), extrasaction="ignore")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write(path, lambda p: p.write_text(buf.getvalue()))
+    return utils.markdown_table(rows, keys, _fmt)
 
 
 def write_text(path: Path, text: str) -> None:
@@ -373,8 +362,7 @@ def write_text(path: Path, text: str) -> None:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     atomic_write(path, lambda p: fig.savefig(p, format="png", dpi=120, bbox_inches="tight"))
     plt.close(fig)
 
@@ -403,10 +391,7 @@ def _metric_name(hib: bool) -> str:
 
 def plot_pareto(chains: Sequence[Chain], states: Mapping[str, State], hib: bool, path: Path,
                 title: str) -> None:  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pts = [s for o, s in states.items() if o]
     xy = [(s.metric, s.bitops_ratio) for s in pts]
@@ -434,10 +419,7 @@ def plot_pareto(chains: Sequence[Chain], states: Mapping[str, State], hib: bool,
 
 
 def plot_waterfall(chain: Chain, hib: bool, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     labels = ["baseline", *[f"+{r.name}" for r in chain.rows[1:]]]
     ratios = [chain.base.bitops / max(r.bitops, 1e-12) for r in chain.rows]
@@ -457,10 +439,7 @@ def plot_waterfall(chain: Chain, hib: bool, path: Path, title: str) -> None:
 
 def plot_matrix(matrix: Sequence[Sequence[float]], stages: Sequence[str], hib: bool, path: Path,
                 title: str) -> None:  # fmt: skip
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
     grid = [[float(v) for v in line] for line in matrix]

@@ -1,12 +1,15 @@
-"""Small shared helpers: atomic writes, seeding, device selection."""
+"""Small shared helpers: atomic writes, tables (Markdown / CSV), headless plotting, seeding,
+device selection."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import random
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +37,34 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object])
         tmp_path.unlink(missing_ok=True)
         raise
     return path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str],
+                   cell: Callable[[Any], str] = str) -> str:  # fmt: skip
+    """A Markdown table of ``rows`` with columns ``keys`` (missing values empty)."""
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]],
+              keys: Sequence[str]) -> Path:  # fmt: skip
+    """Atomically write ``rows`` as CSV with columns ``keys`` (other keys ignored)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(keys), extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    return atomic_write(path, lambda p: p.write_text(buf.getvalue()))
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the headless Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _umask() -> int:

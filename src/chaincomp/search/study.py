@@ -39,7 +39,7 @@ from chaincomp.errors import ChaincompError, ConfigError
 from chaincomp.pipeline import _section, tracking_config
 from chaincomp.search.space import SearchSpace, build_space
 from chaincomp.tracking import NullTracker, Run, Tracker, make_tracker
-from chaincomp.utils import atomic_write, write_json
+from chaincomp.utils import atomic_write, markdown_table, pyplot, write_csv, write_json
 
 OBJECTIVES = ("pareto", "metric", "cost")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
@@ -361,29 +361,16 @@ def write_front(
     study: optuna.Study, scfg: SearchConfig, out: Path, parent: Run | None
 ) -> list[dict[str, Any]]:
     """front.csv / front.md / front.png in ``out`` (atomically), logged on the parent run."""
-    import csv
-
     rows = front_rows(study, scfg)
     lead = ["trial", "order", "val_metric", "val_bitops_ratio", "test_metric", "bitops_ratio",
             "metric_delta", "val_bitops"]  # fmt: skip
     rest = sorted({k for r in rows for k in r} - {*lead, "mlflow_run_id"})
     keys = [*lead, *rest, "mlflow_run_id"]
 
-    def _csv(p: Path) -> None:
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(rows)
-
-    def _md(p: Path) -> None:
-        lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-        for r in rows:
-            lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
-        Path(p).write_text("\n".join(lines) + "\n")
-
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "front.csv", _csv)
-    atomic_write(out / "front.md", _md)
+    write_csv(out / "front.csv", rows, keys)
+    table = markdown_table(rows, keys, _cell)
+    atomic_write(out / "front.md", lambda p: p.write_text(table))
     atomic_write(out / "front.png", lambda p: _plot(study, rows, p))
     if parent is not None and parent.run_id:
         for name in ("front.csv", "front.md", "front.png"):
@@ -398,11 +385,7 @@ def _cell(v: Any) -> str:
 
 
 def _plot(study: optuna.Study, rows: list[dict[str, Any]], path: str | Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.scatter([t.user_attrs["val_bitops"] for t in done], [t.user_attrs["val_metric"] for t in done],
