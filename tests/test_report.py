@@ -62,8 +62,8 @@ def test_pairwise_precedence_and_insertion_on_known_chains() -> None:
 
 
 def test_ties_go_to_bitops_and_cycles_fall_back_to_wins() -> None:
-    a = rp.State("XY", 90.0, 0.0, 10.0, None)  # type: ignore[arg-type]
-    b = rp.State("YX", 90.05, 0.05, 20.0, None)  # type: ignore[arg-type]
+    a = rp.State("XY", 90.0, 0.0, 10.0)
+    b = rp.State("YX", 90.05, 0.05, 20.0)
     assert rp.better(b, a, True) and not rp.better(a, b, True)
     assert rp.better(b, a, True, tie_tol=0.1)  # a tie: the larger reduction wins
     assert rp.better(a, b, False)  # lower is better (MAE)
@@ -74,8 +74,8 @@ def test_ties_go_to_bitops_and_cycles_fall_back_to_wins() -> None:
 
 
 def test_ties_give_no_edge_and_several_sorts_are_flagged() -> None:
-    base = rp.State("", 90.0, 0.0, 1.0, None)  # type: ignore[arg-type]
-    states = {"": base, **{o: rp.State(o, m, m - 90.0, r, None)  # type: ignore[arg-type]
+    base = rp.State("", 90.0, 0.0, 1.0)
+    states = {"": base, **{o: rp.State(o, m, m - 90.0, r)
               for o, m, r in (("AB", 88.0, 4.0), ("BA", 88.0, 4.0), ("AC", 87.0, 4.0),
                               ("CA", 86.0, 4.0), ("BC", 85.0, 2.0), ("CB", 85.0, 2.0))}}  # fmt: skip
     pairs = rp.pairwise(states, ["A", "B", "C"], True, 0.0)

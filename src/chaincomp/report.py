@@ -189,7 +189,6 @@ class State:
     metric: float
     delta: float
     bitops_ratio: float
-    row: StepRow
 
 
 def prefix_states(chains: Iterable[Chain]) -> dict[str, State]:
@@ -200,7 +199,7 @@ def prefix_states(chains: Iterable[Chain]) -> dict[str, State]:
         for k, row in enumerate(chain.rows):
             order = chain.order[:k]
             out.setdefault(order, State(order, row.test_metric, row.test_metric - base.test_metric,
-                                        base.bitops / max(row.bitops, 1e-12), row))  # fmt: skip
+                                        base.bitops / max(row.bitops, 1e-12)))  # fmt: skip
     return out
 
 
