@@ -1,25 +1,28 @@
-"""Chains of stages: the runner, the prefix cache and replay (see :mod:`chaincomp.chain.runner`)."""
+"""Chains of stages: the runner (:mod:`.runner`), the prefix cache (:mod:`.cache`) and replay
+(:mod:`.replay`)."""
 
-from chaincomp.chain.runner import (
+from chaincomp.chain.cache import (
+    CACHE_FORMAT,
     CacheStats,
-    ChainSpec,
     PrefixCache,
-    Step,
-    chain_spec,
-    load_chain,
+    code_fingerprint,
     prefix_keys,
-    replay,
-    run_chain,
 )
+from chaincomp.chain.replay import load_chain, replay, save_chain, trainable_names
+from chaincomp.chain.runner import ChainSpec, Step, chain_spec, run_chain
 
 __all__ = [
+    "CACHE_FORMAT",
     "CacheStats",
     "ChainSpec",
     "PrefixCache",
     "Step",
     "chain_spec",
+    "code_fingerprint",
     "load_chain",
     "prefix_keys",
     "replay",
     "run_chain",
+    "save_chain",
+    "trainable_names",
 ]

@@ -12,37 +12,34 @@ renamed into place, so concurrent workers never see half an entry.
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
-import os
-import shutil
+import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from chaincomp.chain.cache import CacheStats, PrefixCache, entry_version, prefix_keys
+from chaincomp.chain.replay import replay, save_chain, trainable_names
 from chaincomp.errors import ConfigError
-from chaincomp.models import build_model
-from chaincomp.module import CompressibleModule
 from chaincomp.pipeline import (
     _section,
     build_data,
     build_module,
     fine_tuner,
     measure,
-    optim_config,
     trainer_config,
 )
-from chaincomp.stages import ReplayInfo, Stage, StageContext, stage_class
+from chaincomp.stages import Stage, StageContext, stage_class
 from chaincomp.stages.early_exit import retune
 from chaincomp.tracking import MlflowMetricsCallback, NullTracker, Run, Tracker
-from chaincomp.utils import atomic_write, seed_everything
+from chaincomp.utils import seed_everything, write_json
+
+log = logging.getLogger("chaincomp.chain")
 
 ROW_KEYS = ("val_metric", "test_metric", "macs", "bitops", "val_bitops", "params", "size_mb")
 
@@ -121,117 +118,6 @@ def chain_spec(cfg: DictConfig | Mapping[str, Any]) -> ChainSpec:
     )
 
 
-@dataclass
-class CacheStats:
-    """How many stage executions a run (or a series of runs) did and skipped."""
-
-    executed: int = 0
-    reused: int = 0
-    baselines_trained: int = 0
-    executed_keys: list[str] = field(default_factory=list)
-
-
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
-    """Content hashes: [baseline, after step 1, ..., after step n]."""
-    tcfg = trainer_config(cfg)
-    base = {
-        "data": _section(cfg, "data"),
-        "model": _section(cfg, "model"),
-        "optim": dataclasses.asdict(optim_config(cfg)),
-        "train": {
-            "epochs": tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs,
-            "precision": tcfg.resolved_precision(),
-            "limit_train_batches": tcfg.limit_train_batches,
-            "gradient_clip_val": tcfg.gradient_clip_val,
-        },
-        "checkpoint": spec.baseline_checkpoint,
-        "seed": int(cfg.get("seed", 0)),
-    }
-    keys = [_digest(base)]
-    for step in spec.steps:
-        content = {
-            "prev": keys[-1],
-            "stage": step.stage.name,
-            "settings": step.make().settings.as_dict(),
-        }
-        keys.append(_digest(content))
-    return keys
-
-
-class PrefixCache:
-    """Directory of chain states by prefix hash (see the module docstring)."""
-
-    def __init__(self, root: str | Path | None):
-        self.root = Path(root) if root else None
-
-    def path(self, key: str) -> Path | None:
-        return self.root / key if self.root else None
-
-    def has(self, key: str) -> bool:
-        p = self.path(key)
-        return p is not None and (p / "entry.json").is_file() and (p / "weights.pt").is_file()
-
-    def load(self, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        p = self.path(key)
-        assert p is not None
-        entry = json.loads((p / "entry.json").read_text())
-        weights = torch.load(p / "weights.pt", map_location="cpu", weights_only=True)
-        return entry, weights
-
-    def store(self, key: str, entry: dict[str, Any], net: torch.nn.Module) -> None:
-        if self.root is None:
-            return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-            torch.save(state, tmp / "weights.pt")
-            (tmp / "entry.json").write_text(json.dumps(entry, indent=1, default=float))
-            os.rename(tmp, self.root / key)
-        except OSError:
-            if not self.has(key):
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def replay_info(entry: Mapping[str, Any]) -> ReplayInfo:
-    data = entry["data"]
-    shape = (int(data["in_channels"]), int(data["num_outputs"]), tuple(data["image_size"]))
-    return ReplayInfo(
-        in_channels=shape[0],
-        num_outputs=shape[1],
-        image_size=shape[2],  # type: ignore[arg-type]
-        build=lambda model_cfg: build_model(model_cfg, shape[0], shape[1], shape[2]),  # type: ignore[arg-type]
-    )
-
-
-def replay(entry: Mapping[str, Any], weights: Mapping[str, torch.Tensor],
-           module: CompressibleModule) -> CompressibleModule:  # fmt: skip
-    """Rebuild ``module.net`` from a chain entry (base model + each step's record) and load
-    ``weights`` strictly. ``module`` supplies the task and optimizer settings."""
-    info = replay_info(entry)
-    module.net = info.build(entry["model"])
-    for record in entry["records"]:
-        stage_class(record["stage"]).replay(module, record, info)
-    module.net.load_state_dict(weights, strict=True)
-    return module
-
-
-def load_chain(path: str | Path, module: CompressibleModule) -> CompressibleModule:
-    """Replay a saved chain (a directory with ``entry.json`` and ``weights.pt``) into
-    ``module``; the weights are read with ``weights_only=True``."""
-    p = Path(path)
-    entry = json.loads((p / "entry.json").read_text())
-    weights = torch.load(p / "weights.pt", map_location="cpu", weights_only=True)
-    return replay(entry, weights, module)
-
-
 def _row(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: row[k] for k in row if k in ROW_KEYS or k.endswith("exit_rates")}
 
@@ -275,7 +161,7 @@ def run_chain(
     keys = prefix_keys(cfg, spec)
     cache = PrefixCache(spec.cache_dir)
     entry: dict[str, Any] = {
-        "version": 1,
+        **entry_version(),
         "data": {"name": dm.cfg.name, "task": dm.task.name, "in_channels": dm.in_channels,
                  "num_outputs": dm.num_outputs, "image_size": list(dm.image_size)},
         "model": _section(cfg, "model"),
@@ -295,16 +181,26 @@ def run_chain(
             return fine_tuner(dm, tcfg, [MlflowMetricsCallback(run, prefix)])
 
         # the longest cached prefix (index into keys); -1 = nothing, not even the baseline
-        start = -1
+        start, found, stale_before = -1, None, stats.stale
         for k in range(len(keys) - 1, -1, -1):
             if cache.has(keys[k]):
+                found = cache.load(keys[k])
+                if found is None:  # written by another cache format or code version
+                    stats.stale += 1
+                    continue
                 start = k
                 break
-        if start >= 0:
-            cached, weights = cache.load(keys[start])
+        if stats.stale > stale_before:
+            log.warning(
+                "%d cached prefix(es) of this chain were written by another cache format or code "
+                "version: ignored, recomputed and replaced", stats.stale - stale_before,
+            )  # fmt: skip
+        if found is not None:
+            cached, weights = found
             for row in cached["rows"]:
                 row["cached"] = True
-            entry.update(records=cached["records"], rows=cached["rows"], keys=cached["keys"])
+            entry.update(records=cached["records"], rows=cached["rows"], keys=cached["keys"],
+                         trainable=cached["trainable"])  # fmt: skip
             replay(entry, weights, module)
             module.to(device)
             stats.reused += start
@@ -370,14 +266,13 @@ def run_chain(
             row["time_s"] = time.perf_counter() - t0
             entry["rows"].append(row)
             entry["keys"].append(keys[k])
+            entry["trainable"] = trainable_names(module.net)
             cache.store(keys[k], entry, module.net)
             if on_step:
                 on_step(row)
 
         summary = summarize(dm, spec, entry, chain_run)
         save_chain(out / "chain", entry, module.net)
-        from chaincomp.utils import write_json
-
         write_json(out / "summary.json", summary)
         chain_run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         chain_run.log_artifact(out / "summary.json")
@@ -393,15 +288,6 @@ def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
             continue
         out[k] = float(v)
     return out
-
-
-def save_chain(path: Path, entry: dict[str, Any], net: torch.nn.Module) -> None:
-    """``entry.json`` + ``weights.pt`` (atomically) — what :func:`load_chain` reads."""
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    atomic_write(path / "weights.pt", lambda p: torch.save(state, p))
-    atomic_write(path / "entry.json",
-                 lambda p: Path(p).write_text(json.dumps(entry, indent=1, default=float)))  # fmt: skip
 
 
 def summarize(dm: Any, spec: ChainSpec, entry: Mapping[str, Any], run: Run) -> dict[str, Any]:

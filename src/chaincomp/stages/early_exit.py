@@ -359,8 +359,11 @@ class EarlyExit(Stage):
             from chaincomp.stages.quantize import requantize
 
             record["quantized_heads"] = requantize(module, ctx.dm, quant)["layers"]
+            record["learn_scale"] = bool(quant.get("learn_scale", False))
+        # frozen backbone: finalize gives back requires_grad to exactly these parameters
+        self._frozen = [p for p in net.backbone.parameters() if p.requires_grad]
         if s.train == "frozen":
-            for p in net.backbone.parameters():
+            for p in self._frozen:
                 p.requires_grad_(False)
         return record
 
@@ -373,8 +376,9 @@ class EarlyExit(Stage):
                  record: dict[str, Any]) -> None:  # fmt: skip
         net = module.net
         assert isinstance(net, ExitNet)
-        for p in net.parameters():
+        for p in getattr(self, "_frozen", []):
             p.requires_grad_(True)
+        self._frozen = []
         chosen = retune(module, ctx.dm, drop=True)
         record["threshold"] = float(net.threshold)
         if chosen is not None:
@@ -400,4 +404,4 @@ class EarlyExit(Stage):
         if "quantized_heads" in record:
             from chaincomp.stages.quantize import quantize_net
 
-            quantize_net(net, record["quantized_heads"], False)
+            quantize_net(net, record["quantized_heads"], bool(record.get("learn_scale", False)))

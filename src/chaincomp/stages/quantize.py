@@ -144,6 +144,11 @@ class ActQuantizer(nn.Module):
             step = grad_scale(step, 1.0 / math.sqrt(x[0].numel() * qmax))
         return fake_quant(x, step.abs().clamp_min(1e-8), qmin, qmax)
 
+    def reset_calibration(self) -> None:
+        """Forget the calibration (the layer computes in float until calibrated again)."""
+        self.calibrated.fill_(0.0)
+        self.is_calibrated = False
+
     def finish_calibration(self) -> None:
         self.is_signed = bool(self.observed_min.item() < -1e-6)
         self.signed.fill_(1.0 if self.is_signed else 0.0)
@@ -291,9 +296,12 @@ def quantize_net(net: nn.Module, plan: dict[str, list[int]], learn_scale: bool) 
     count = 0
     for name, (w_bits, a_bits) in plan.items():
         m = net.get_submodule(name)
-        if isinstance(m, QUANT_LAYERS):
+        if isinstance(m, QUANT_LAYERS):  # Q after Q: the new widths replace the old ones
+            if m.act_bits != a_bits:  # a step size calibrated for other bits is meaningless
+                m.act_quant.reset_calibration()
             m.weight_bits, m.act_bits = w_bits, a_bits
             m.act_quant.bits = a_bits
+            m.act_quant.step.requires_grad_(learn_scale)
             continue
         if isinstance(m, nn.Conv2d):
             _set_module(net, name, QuantConv2d.wrap(m, w_bits, a_bits, learn_scale))

@@ -1,0 +1,167 @@
+"""The prefix cache: the state after step k of a chain, named by a content hash.
+
+A key hashes (data, model, optim, baseline training, seed, settings of steps 1..k) together with
+:data:`CACHE_FORMAT` and :func:`code_fingerprint` (the source of every module that shapes a
+trained state), so an entry written by another cache format or another version of the code is
+never found under the current key. :meth:`PrefixCache.load` also checks the version and the
+fingerprint written *in* the entry, and treats a mismatch as a miss (the prefix is recomputed and
+the run says so once).
+
+An entry is a directory ``<root>/<key>/`` with ``weights.pt`` (a state dict, loaded with
+``weights_only=True``) and ``entry.json`` (records, rows, keys, the trainable-parameter map),
+written to a temporary directory and renamed into place, so concurrent workers never see half an
+entry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from omegaconf import DictConfig
+
+from chaincomp.pipeline import _section, optim_config, trainer_config
+
+if TYPE_CHECKING:
+    from chaincomp.chain.runner import ChainSpec
+
+log = logging.getLogger("chaincomp.cache")
+
+#: Layout of an entry (``entry.json`` keys and their meaning). Bump on any change of layout.
+CACHE_FORMAT = 2
+
+# Modules whose code decides what a trained state is. Not here: report, search, tracking and
+# the CLI (they read results, they do not make them).
+_RESULT_CODE = ("chain", "cost", "data", "models", "stages", "module.py", "optim.py",
+                "pipeline.py", "tasks.py", "utils.py")  # fmt: skip
+
+
+@functools.lru_cache(maxsize=1)
+def code_fingerprint() -> str:
+    """A hash of the source of every module that shapes a trained state (see ``_RESULT_CODE``)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for part in _RESULT_CODE:
+        path = root / part
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(root)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class CacheStats:
+    """How many stage executions a run (or a series of runs) did and skipped."""
+
+    executed: int = 0
+    reused: int = 0
+    baselines_trained: int = 0
+    stale: int = 0
+    executed_keys: list[str] = field(default_factory=list)
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
+    """Content hashes: [baseline, after step 1, ..., after step n]."""
+    tcfg = trainer_config(cfg)
+    base = {
+        "cache_format": CACHE_FORMAT,
+        "code": code_fingerprint(),
+        "data": _section(cfg, "data"),
+        "model": _section(cfg, "model"),
+        "optim": dataclasses.asdict(optim_config(cfg)),
+        "train": {
+            "epochs": tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs,
+            "precision": tcfg.resolved_precision(),
+            "limit_train_batches": tcfg.limit_train_batches,
+            "gradient_clip_val": tcfg.gradient_clip_val,
+        },
+        "checkpoint": spec.baseline_checkpoint,
+        "seed": int(cfg.get("seed", 0)),
+    }
+    keys = [digest(base)]
+    for step in spec.steps:
+        content = {
+            "prev": keys[-1],
+            "stage": step.stage.name,
+            "settings": step.make().settings.as_dict(),
+        }
+        keys.append(digest(content))
+    return keys
+
+
+def entry_version() -> dict[str, Any]:
+    """What every entry written now carries (and what :meth:`PrefixCache.load` requires)."""
+    return {"version": CACHE_FORMAT, "code": code_fingerprint()}
+
+
+class PrefixCache:
+    """Directory of chain states by prefix hash (see the module docstring)."""
+
+    def __init__(self, root: str | Path | None):
+        self.root = Path(root) if root else None
+
+    def path(self, key: str) -> Path | None:
+        return self.root / key if self.root else None
+
+    def has(self, key: str) -> bool:
+        p = self.path(key)
+        return p is not None and (p / "entry.json").is_file() and (p / "weights.pt").is_file()
+
+    def load(self, key: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The entry and weights under ``key``, or None when absent or written by another
+        cache format or code version (such an entry is never used)."""
+        if not self.has(key):
+            return None
+        p = self.path(key)
+        assert p is not None
+        entry = json.loads((p / "entry.json").read_text())
+        found = {k: entry.get(k) for k in ("version", "code")}
+        if found != entry_version():
+            log.debug("stale cache entry %s: %s, now %s", key, found, entry_version())
+            return None
+        weights = torch.load(p / "weights.pt", map_location="cpu", weights_only=True)
+        return entry, weights
+
+    def store(self, key: str, entry: Mapping[str, Any], net: torch.nn.Module) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / key
+        tmp = self.root / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
+            torch.save(state, tmp / "weights.pt")
+            (tmp / "entry.json").write_text(json.dumps(entry, indent=1, default=float))
+            if final.exists() and not self._current(final):
+                shutil.rmtree(final, ignore_errors=True)  # a stale entry: replace it
+            os.rename(tmp, final)
+        except OSError:
+            if not self.has(key):
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    @staticmethod
+    def _current(path: Path) -> bool:
+        try:
+            entry = json.loads((path / "entry.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return {k: entry.get(k) for k in ("version", "code")} == entry_version()
