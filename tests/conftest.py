@@ -59,8 +59,9 @@ def digits_base():  # type: ignore[no-untyped-def]
     """(cfg, dm, trained net) on digits with a half-width SmallCNN, trained once per session."""
     from chaincomp.pipeline import build_data, build_module, fit, trainer_config
 
-    cfg = compose_cfg("data=digits", "model=small_cnn", "model.width_mult=0.5",
-                      "trainer.max_epochs=4", *QUIET)  # fmt: skip
+    cfg = compose_cfg(
+        "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=4", *QUIET
+    )
     dm = build_data(cfg)
     module = build_module(cfg, dm)
     fit(module, dm, trainer_config(cfg))

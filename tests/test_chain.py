@@ -13,26 +13,36 @@ import pytest
 import torch
 
 from chaincomp.chain import CacheStats, chain_spec, load_chain, prefix_keys, run_chain
+from chaincomp.cost import count_cost
 from chaincomp.errors import ConfigError
-from chaincomp.pipeline import build_data, build_module
+from chaincomp.pipeline import build_data, build_module, measure
 
-from .conftest import QUIET, REPO, compose_cfg
+from .conftest import QUIET, compose_cfg
 
 FAST = (
-    "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=2",
+    "data=digits",
+    "model=small_cnn",
+    "model.width_mult=0.5",
+    "trainer.max_epochs=2",
     "trainer.limit_train_batches=6",
-    "chain.steps.D.settings.epochs=1", "chain.steps.P.settings.epochs=1",
-    "chain.steps.Q.settings.epochs=1", "chain.steps.E.settings.epochs=1",
-    "chain.steps.Q.settings.calib_batches=2", *QUIET,
-)  # fmt: skip
+    "chain.steps.D.settings.epochs=1",
+    "chain.steps.P.settings.epochs=1",
+    "chain.steps.Q.settings.epochs=1",
+    "chain.steps.E.settings.epochs=1",
+    "chain.steps.Q.settings.calib_batches=2",
+    *QUIET,
+)
 
 
 # enough training on digits that every order ends with a working classifier
 SLOW = (
-    "trainer.limit_train_batches=null", "trainer.max_epochs=8",
-    "chain.steps.D.settings.epochs=15", "chain.steps.P.settings.epochs=3",
-    "chain.steps.Q.settings.epochs=3", "chain.steps.E.settings.epochs=2",
-)  # fmt: skip
+    "trainer.limit_train_batches=null",
+    "trainer.max_epochs=8",
+    "chain.steps.D.settings.epochs=15",
+    "chain.steps.P.settings.epochs=3",
+    "chain.steps.Q.settings.epochs=3",
+    "chain.steps.E.settings.epochs=2",
+)
 
 
 def _cfg(tmp_path: Path, *overrides: str):  # type: ignore[no-untyped-def]
@@ -74,8 +84,20 @@ def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
     assert stats.executed == 3 and stats.baselines_trained == 1
     assert summary["order"] == ["P", "Q", "E"]
     assert [s["name"] for s in summary["stages"]] == ["P", "Q", "E"]
-    for key in ("task", "metric_name", "val_metric", "test_metric", "macs", "bitops", "params",
-                "mlflow_run_id", "bitops_ratio", "metric_delta", "baseline", "stages"):  # fmt: skip
+    for key in (
+        "task",
+        "metric_name",
+        "val_metric",
+        "test_metric",
+        "macs",
+        "bitops",
+        "params",
+        "mlflow_run_id",
+        "bitops_ratio",
+        "metric_delta",
+        "baseline",
+        "stages",
+    ):
         assert key in summary
     base = summary["baseline"]
     assert summary["bitops_ratio"] == pytest.approx(base["bitops"] / summary["bitops"])
@@ -84,14 +106,14 @@ def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
     on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
     assert on_disk["stages"][2]["bitops"] == summary["bitops"]
 
-    # the same chain again: nothing is executed, the numbers are identical
+    # the same chain again: nothing is executed, every step comes from the cache
     stats2 = CacheStats()
     again = run_chain(cfg, tmp_path / "run2", stats=stats2)
     assert stats2.executed == 0 and stats2.reused == 3 and stats2.baselines_trained == 0
     assert all(s["cached"] for s in again["stages"])
-    assert again["test_metric"] == summary["test_metric"] and again["bitops"] == summary["bitops"]
 
-    # replay from the saved chain: identical outputs
+    # replay from the saved chain: identical outputs, and the replayed net *re-measured* (a
+    # fresh evaluation and cost count, not the stored numbers) gives the stored last row
     module = summary["module"]
     dm = build_data(cfg)
     fresh = load_chain(tmp_path / "run1" / "chain", build_module(cfg, dm))
@@ -100,6 +122,13 @@ def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
     fresh.eval()
     with torch.no_grad():
         assert torch.equal(module(x), fresh(x))
+    row = measure(fresh, dm)
+    for key in ("val_metric", "test_metric", "bitops", "val_bitops", "macs", "params"):
+        assert row[key] == again["stages"][-1][key] == summary["stages"][-1][key], key
+    # the ratio against an independent count: the baseline net rebuilt and counted afresh
+    base_net = build_module(cfg, dm).net
+    base_bitops = count_cost(base_net, dm.example_input(1)).bitops
+    assert summary["bitops_ratio"] == pytest.approx(base_bitops / row["bitops"], rel=1e-12)
 
 
 def _orders_execution_count(
@@ -135,8 +164,16 @@ def test_all_24_orders_on_digits(tmp_path: Path) -> None:
 
 
 def test_cli_run_writes_summary_and_prints_table(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "chaincomp.cli", "run", *FAST, "chain.order=[Q,E]",
-           f"chain.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={tmp_path / 'out'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "chaincomp.cli",
+        "run",
+        *FAST,
+        "chain.order=[Q,E]",
+        f"chain.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -146,9 +183,16 @@ def test_cli_run_writes_summary_and_prints_table(tmp_path: Path) -> None:
 
 
 def test_cli_run_rejects_an_unknown_step(tmp_path: Path) -> None:
-    cmd = [sys.executable, "-m", "chaincomp.cli", "run", *FAST, "chain.order=[Q,Z]",
-           f"hydra.run.dir={tmp_path / 'out'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "chaincomp.cli",
+        "run",
+        *FAST,
+        "chain.order=[Q,Z]",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert res.returncode == 2
-    assert "chain.order: unknown step 'Z'; allowed: D, E, P, Q" in res.stderr
-    assert REPO.is_dir()
+    assert "chain.order: unknown step 'Z'; allowed: D, E, L, P, Q" in res.stderr
+    assert not (tmp_path / "out" / "summary.json").exists()  # stopped before any training

@@ -18,9 +18,8 @@ from typing import Any
 import pytest
 import torch
 
-from chaincomp.chain import CACHE_FORMAT, CacheStats, load_chain, prefix_keys, run_chain
+from chaincomp.chain import CACHE_FORMAT, CacheStats, chain_spec, load_chain, prefix_keys, run_chain
 from chaincomp.chain.cache import PrefixCache
-from chaincomp.chain.runner import chain_spec
 from chaincomp.module import CompressibleModule
 from chaincomp.pipeline import build_data, build_module, save_weights
 

@@ -7,6 +7,7 @@ replay from the record rebuilds a net whose outputs equal the compressed one's.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from chaincomp.chain.runner import replay
+from chaincomp.chain import replay
 from chaincomp.errors import ConfigError
 from chaincomp.pipeline import build_module
-from chaincomp.stages import STAGES, Stage, stage_class
+from chaincomp.stages import RecordError, Stage, record_from_json, stage_class, stages
 
 from .conftest import CONF, make_ctx
 
@@ -47,6 +48,7 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("train", "sometimes"),
         ("points", [2, 1]),
     ],
+    "lowrank": [("rank_ratio", 0.0), ("rank_ratio", 1.5), ("energy", 0.0), ("min_channels", 0)],
 }
 
 
@@ -59,8 +61,11 @@ def _fast(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_every_stage_has_a_yaml_and_bad_values() -> None:
-    assert {p.stem for p in STAGE_FILES} == set(STAGES)
-    assert set(BAD_VALUES) == set(STAGES)
+    assert {p.stem for p in STAGE_FILES} == set(stages())
+    assert set(BAD_VALUES) == set(stages())
+    for path in STAGE_FILES:  # each file names its class, the way Hydra instantiates it
+        cls = stage_class(_load(path)["_target_"])
+        assert cls.name == path.stem and stage_class(cls.letter) is cls
 
 
 @pytest.fixture(params=STAGE_FILES, ids=lambda p: p.stem)
@@ -95,7 +100,15 @@ def test_apply_forward_summary_replay(
     module = digits_module
     ctx = make_ctx(cfg, dm, max_batches=4)
     record = stage.run(module, ctx)
-    assert record["stage"] == cls.name
+    assert isinstance(record, cls.Record) and record.stage == cls.name
+    # typed, versioned records: the JSON round-trip is exact; another version is refused
+    data = json.loads(json.dumps(record.to_json()))
+    assert data["stage"] == cls.name and data["version"] == cls.Record.VERSION
+    assert record_from_json(data) == record
+    with pytest.raises(RecordError, match="version"):
+        record_from_json({**data, "version": cls.Record.VERSION + 1})
+    with pytest.raises(RecordError, match="unknown keys"):
+        record_from_json({**data, "nonsense": 1})
 
     x, _ = next(iter(dm.loader("test", "cpu")))
     module.eval()
@@ -106,11 +119,14 @@ def test_apply_forward_summary_replay(
     assert summary and all(math.isfinite(v) for v in summary.values())
 
     entry = {
-        "data": {"in_channels": dm.in_channels, "num_outputs": dm.num_outputs,
-                 "image_size": list(dm.image_size)},
+        "data": {
+            "in_channels": dm.in_channels,
+            "num_outputs": dm.num_outputs,
+            "image_size": list(dm.image_size),
+        },
         "model": OmegaConf.to_container(cfg.model, resolve=True),
-        "records": [record],
-    }  # fmt: skip
+        "records": [data],
+    }
     fresh = build_module(cfg, dm)
     replay(entry, module.net.state_dict(), fresh)
     fresh.eval()

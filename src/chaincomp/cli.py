@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.errors import ChaincompError
-from chaincomp.utils import write_json
+from chaincomp.utils import config_dir, console, write_json
 
 SUMMARY_KEYS = (
     "task",
@@ -28,15 +28,6 @@ SUMMARY_KEYS = (
     "params",
     "mlflow_run_id",
 )
-
-
-def config_dir() -> Path:
-    """``conf/`` shipped inside the package (wheel) or at the repository root (editable install)."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise ChaincompError(f"config directory not found next to {here}")
 
 
 def _output_dir() -> Path:
@@ -51,13 +42,6 @@ def _fmt(value: Any) -> str:
     if isinstance(value, int) and abs(value) >= 1e4:
         return f"{value:.4e}"
     return "-" if value is None else str(value)
-
-
-def console():  # type: ignore[no-untyped-def]
-    """A rich console that does not truncate tables when stdout is a file or pipe."""
-    from rich.console import Console
-
-    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def print_summary(title: str, summary: dict[str, Any]) -> None:
@@ -108,8 +92,15 @@ def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
     for col in ("layer", "kind", "MACs", "params", "w bits", "a bits", "BitOps"):
         table.add_column(col, justify="left" if col in ("layer", "kind") else "right")
     for layer in report.layers:
-        table.add_row(layer.name, layer.kind, f"{layer.macs:,}", f"{layer.params:,}", str(layer.weight_bits),
-                      str(layer.act_bits), f"{layer.bitops:.4e}")  # fmt: skip
+        table.add_row(
+            layer.name,
+            layer.kind,
+            f"{layer.macs:,}",
+            f"{layer.params:,}",
+            str(layer.weight_bits),
+            str(layer.act_bits),
+            f"{layer.bitops:.4e}",
+        )
     table.add_section()
     table.add_row(
         "total", "", f"{report.macs:,}", f"{report.params:,}", "", "", f"{report.bitops:.4e}"
@@ -147,17 +138,37 @@ def print_chain_table(summary: dict[str, Any]) -> None:
 
     base = summary["baseline"]
     unit = summary["metric_name"]
-    table = Table(title=f"chain {'->'.join(summary['order']) or '(baseline only)'}: "
-                        f"{summary.get('dataset', '')} {unit}")  # fmt: skip
-    for col in ("step", "stage", f"val {unit}", f"test {unit}", "MACs", "BitOps", "params",
-                "size MB", "BitOps x", "cached"):  # fmt: skip
+    table = Table(
+        title=f"chain {'->'.join(summary['order']) or '(baseline only)'}: "
+        f"{summary.get('dataset', '')} {unit}"
+    )
+    for col in (
+        "step",
+        "stage",
+        f"val {unit}",
+        f"test {unit}",
+        "MACs",
+        "BitOps",
+        "params",
+        "size MB",
+        "BitOps x",
+        "cached",
+    ):
         table.add_column(col, justify="left" if col in ("step", "stage") else "right")
     rows = [{"name": "baseline", "stage": "-", **base, "cached": False}, *summary["stages"]]
     for r in rows:
-        table.add_row(r["name"], r["stage"], f"{r['val_metric']:.2f}", f"{r['test_metric']:.2f}",
-                      f"{r['macs']:.4g}", f"{r['bitops']:.4g}", f"{r['params']:,}",
-                      f"{r['size_mb']:.4f}", f"{base['bitops'] / max(r['bitops'], 1e-12):.1f}",
-                      "yes" if r.get("cached") else "")  # fmt: skip
+        table.add_row(
+            r["name"],
+            r["stage"],
+            f"{r['val_metric']:.2f}",
+            f"{r['test_metric']:.2f}",
+            f"{r['macs']:.4g}",
+            f"{r['bitops']:.4g}",
+            f"{r['params']:,}",
+            f"{r['size_mb']:.4f}",
+            f"{base['bitops'] / max(r['bitops'], 1e-12):.1f}",
+            "yes" if r.get("cached") else "",
+        )
     console().print(table)
     console().print(
         f"BitOps reduction {summary['bitops_ratio']:.1f}x, test {unit} change "
@@ -208,8 +219,18 @@ def cmd_ui(cfg: DictConfig) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"tracking.uri is a server already: open {uri}")
         return 0
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri,
-           "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
     try:
         return subprocess.call(cmd)

@@ -95,7 +95,8 @@ class TrainerConfig:
         )
 
 
-def _section(cfg: DictConfig | Mapping[str, Any], key: str) -> dict[str, Any]:
+def config_section(cfg: DictConfig | Mapping[str, Any], key: str) -> dict[str, Any]:
+    """``cfg[key]`` as a plain, resolved dict (a :class:`ConfigError` naming ``key`` if absent)."""
     node = cfg.get(key) if isinstance(cfg, Mapping) else None
     if node is None:
         raise ConfigError(key, "missing section", f"a {key} group in conf/{key}/")
@@ -113,25 +114,25 @@ def _checked(cls: type, section: str, values: dict[str, Any]) -> Any:
 
 
 def trainer_config(cfg: DictConfig) -> TrainerConfig:
-    return _checked(TrainerConfig, "trainer", _section(cfg, "trainer"))
+    return _checked(TrainerConfig, "trainer", config_section(cfg, "trainer"))
 
 
 def optim_config(cfg: DictConfig) -> OptimConfig:
-    return _checked(OptimConfig, "optim", _section(cfg, "optim"))
+    return _checked(OptimConfig, "optim", config_section(cfg, "optim"))
 
 
 def tracking_config(cfg: DictConfig) -> TrackingConfig:
-    return _checked(TrackingConfig, "tracking", _section(cfg, "tracking"))
+    return _checked(TrackingConfig, "tracking", config_section(cfg, "tracking"))
 
 
 def build_data(cfg: DictConfig) -> ChainDataModule:
-    dm = ChainDataModule(DataConfig.from_dict(_section(cfg, "data")))
+    dm = ChainDataModule(DataConfig.from_dict(config_section(cfg, "data")))
     dm.setup()
     return dm
 
 
 def build_net(cfg: DictConfig, dm: ChainDataModule) -> nn.Module:
-    return build_model(_section(cfg, "model"), dm.in_channels, dm.num_outputs, dm.image_size)
+    return build_model(config_section(cfg, "model"), dm.in_channels, dm.num_outputs, dm.image_size)
 
 
 def build_module(
@@ -172,8 +173,12 @@ def fine_tuner(
     freeze parts later), runs one ``Trainer.fit`` with ``callbacks`` + ``extra_callbacks`` at
     peak learning rate ``lr`` (None = the module's ``optim.lr``) and returns the wall time."""
 
-    def _fit(module: CompressibleModule, epochs: int, callbacks: Sequence[pl.Callback] = (),
-             lr: float | None = None) -> float:  # fmt: skip
+    def _fit(
+        module: CompressibleModule,
+        epochs: int,
+        callbacks: Sequence[pl.Callback] = (),
+        lr: float | None = None,
+    ) -> float:
         base = module.optim_cfg
         if lr is not None:
             module.optim_cfg = dataclasses.replace(base, lr=lr)

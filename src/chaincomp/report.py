@@ -142,23 +142,34 @@ def load_chains(client: Any, experiment_id: str, source: str) -> list[Chain]:
     """Every finished chain of study ``source`` (trial runs), else the latest finished run
     named ``source``, sorted by order then start time: several chains of one order are all
     returned (:func:`best_per_order` folds them). Raises ConfigError when none."""
-    runs = _search(client, experiment_id,
-                   f"tags.`optuna.study` = '{source}' and tags.`chaincomp.command` = 'run' "
-                   "and attributes.status = 'FINISHED'")  # fmt: skip
+    runs = _search(
+        client,
+        experiment_id,
+        f"tags.`optuna.study` = '{source}' and tags.`chaincomp.command` = 'run' "
+        "and attributes.status = 'FINISHED'",
+    )
     if not runs:
-        runs = _search(client, experiment_id,
-                       f"attributes.run_name = '{source}' and tags.`chaincomp.command` = 'run' "
-                       "and attributes.status = 'FINISHED'")  # fmt: skip
+        runs = _search(
+            client,
+            experiment_id,
+            f"attributes.run_name = '{source}' and tags.`chaincomp.command` = 'run' "
+            "and attributes.status = 'FINISHED'",
+        )
         runs = sorted(runs, key=lambda r: -r.info.start_time)[:1]
     if not runs:
-        raise ConfigError("report.source", f"no finished chain of {source!r} in the store",
-                          "the search.name of a sweep or the tracking.run_name of a run")  # fmt: skip
+        raise ConfigError(
+            "report.source",
+            f"no finished chain of {source!r} in the store",
+            "the search.name of a sweep or the tracking.run_name of a run",
+        )
     chains: list[Chain] = []
     for run in sorted(runs, key=lambda r: r.info.start_time):
         chain = _chain_of(client, experiment_id, run)
         if chain is None:
-            log.warning("run %s has no complete per-step metrics; not a chain of the report",
-                        run.info.run_id)  # fmt: skip
+            log.warning(
+                "run %s has no complete per-step metrics; not a chain of the report",
+                run.info.run_id,
+            )
         else:
             chains.append(chain)
     return sorted(chains, key=lambda c: c.order)  # stable: start time within an order
@@ -168,8 +179,9 @@ def _search(client: Any, experiment_id: str, filter_string: str) -> list[Any]:
     out: list[Any] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string,
-                                  max_results=1000, page_token=token)  # fmt: skip
+        page = client.search_runs(
+            [experiment_id], filter_string=filter_string, max_results=1000, page_token=token
+        )
         out.extend(page)
         token = page.token
         if not token:
@@ -189,9 +201,17 @@ def _chain_of(client: Any, experiment_id: str, run: Any) -> Chain | None:
         # Older stores did not log val_bitops for a step; only then the test split's BitOps
         # stand in for it (identical without early exits, whose rates differ per split).
         val_bitops = m.get("val_bitops", bitops)
-        rows[k] = StepRow(k, name, m["val_metric"], m["test_metric"], bitops, val_bitops,
-                          m.get("macs", math.nan), m.get("params", math.nan),
-                          m.get("size_mb", math.nan))  # fmt: skip
+        rows[k] = StepRow(
+            k,
+            name,
+            m["val_metric"],
+            m["test_metric"],
+            bitops,
+            val_bitops,
+            m.get("macs", math.nan),
+            m.get("params", math.nan),
+            m.get("size_mb", math.nan),
+        )
     n = len(rows)
     if n == 0 or sorted(rows) != list(range(n)):
         return None
@@ -231,9 +251,15 @@ def _ratio(base: float, x: float) -> float:
 def state_of(chain: Chain, k: int) -> State:
     """The state of ``chain`` after ``k`` steps (validation deciding, test beside)."""
     base, row = chain.base, chain.rows[k]
-    return State(chain.order[:k], row.val_metric, row.val_metric - base.val_metric,
-                 _ratio(base.val_bitops, row.val_bitops), row.test_metric,
-                 row.test_metric - base.test_metric, _ratio(base.bitops, row.bitops))  # fmt: skip
+    return State(
+        chain.order[:k],
+        row.val_metric,
+        row.val_metric - base.val_metric,
+        _ratio(base.val_bitops, row.val_bitops),
+        row.test_metric,
+        row.test_metric - base.test_metric,
+        _ratio(base.bitops, row.bitops),
+    )
 
 
 def best_per_order(chains: Sequence[Chain], tie_tol: float = 0.0) -> list[Chain]:
@@ -248,8 +274,12 @@ def best_per_order(chains: Sequence[Chain], tie_tol: float = 0.0) -> list[Chain]
         group = groups[order]
         best = group[0]
         for c in group[1:]:
-            if not better(state_of(best, len(best.rows) - 1), state_of(c, len(c.rows) - 1),
-                          c.higher_is_better, tie_tol):  # fmt: skip
+            if not better(
+                state_of(best, len(best.rows) - 1),
+                state_of(c, len(c.rows) - 1),
+                c.higher_is_better,
+                tie_tol,
+            ):
                 best = c
         out.append(dataclasses.replace(best, runs=sum(c.runs for c in group)))
     return out
@@ -293,19 +323,36 @@ def stages_of(chains: Sequence[Chain]) -> list[str]:
 
 def _side(key: str, prefix: str, s: State) -> dict[str, Any]:
     """``s``'s order under ``key`` and its validation and test numbers under ``prefix_*``."""
-    return {key: s.order, f"{prefix}_val_metric": s.metric,
-            f"{prefix}_val_bitops_ratio": s.bitops_ratio, f"{prefix}_test_metric": s.test_metric,
-            f"{prefix}_test_bitops_ratio": s.test_bitops_ratio}  # fmt: skip
+    return {
+        key: s.order,
+        f"{prefix}_val_metric": s.metric,
+        f"{prefix}_val_bitops_ratio": s.bitops_ratio,
+        f"{prefix}_test_metric": s.test_metric,
+        f"{prefix}_test_bitops_ratio": s.test_bitops_ratio,
+    }
 
 
-PAIR_KEYS = ("pair", "first", "first_val_metric", "first_val_bitops_ratio", "first_test_metric",
-             "first_test_bitops_ratio", "second", "second_val_metric", "second_val_bitops_ratio",
-             "second_test_metric", "second_test_bitops_ratio", "winner", "val_margin",
-             "dominates")  # fmt: skip
+PAIR_KEYS = (
+    "pair",
+    "first",
+    "first_val_metric",
+    "first_val_bitops_ratio",
+    "first_test_metric",
+    "first_test_bitops_ratio",
+    "second",
+    "second_val_metric",
+    "second_val_bitops_ratio",
+    "second_test_metric",
+    "second_test_bitops_ratio",
+    "winner",
+    "val_margin",
+    "dominates",
+)
 
 
-def pairwise(states: Mapping[str, State], stages: Sequence[str], hib: bool,
-             tie_tol: float) -> list[dict[str, Any]]:  # fmt: skip
+def pairwise(
+    states: Mapping[str, State], stages: Sequence[str], hib: bool, tie_tol: float
+) -> list[dict[str, Any]]:
     """One row per unordered pair with both 2-step orders measured; ``winner`` is the better
     order by validation or ``'tie'`` (same validation metric within ``tie_tol`` and the same
     validation BitOps). Test numbers ride along (:data:`PAIR_KEYS`)."""
@@ -320,9 +367,16 @@ def pairwise(states: Mapping[str, State], stages: Sequence[str], hib: bool,
             win, lose = (ab, ba) if better(ab, ba, hib, tie_tol) else (ba, ab)
             # whether the winner also compresses at least as much (no trade-off)
             winner, dominates = win.order, win.bitops_ratio >= lose.bitops_ratio * (1 - 1e-9)
-        rows.append({"pair": f"{a},{b}", **_side("first", "first", ab),
-                     **_side("second", "second", ba), "winner": winner,
-                     "val_margin": abs(ab.metric - ba.metric), "dominates": dominates})  # fmt: skip
+        rows.append(
+            {
+                "pair": f"{a},{b}",
+                **_side("first", "first", ab),
+                **_side("second", "second", ba),
+                "winner": winner,
+                "val_margin": abs(ab.metric - ba.metric),
+                "dominates": dominates,
+            }
+        )
     return rows
 
 
@@ -347,8 +401,7 @@ def precedence(pairs: Sequence[Mapping[str, Any]], stages: Sequence[str]) -> dic
             except CycleError as err:
                 cycle = list(err.args[1])
             ranking = "".join(sorted(stages, key=lambda s: rank[s]))
-            return {"edges": edges, "order": ranking, "cycle": cycle, "unique": False,
-                    "wins": wins}  # fmt: skip
+            return {"edges": edges, "order": ranking, "cycle": cycle, "unique": False, "wins": wins}
         unique = unique and len(ready) == 1
         order += ready[0]
         left.remove(ready[0])
@@ -360,14 +413,30 @@ def consistent(order: str, edges: Sequence[tuple[str, str]]) -> bool:
     return all(order.index(x) < order.index(y) for x, y in edges if x in order and y in order)
 
 
-INSERTION_KEYS = ("pair", "inserted", "kept_order", "kept_val_metric", "kept_val_bitops_ratio",
-                  "kept_test_metric", "kept_test_bitops_ratio", "reversed_order",
-                  "reversed_val_metric", "reversed_val_bitops_ratio", "reversed_test_metric",
-                  "reversed_test_bitops_ratio", "preference_kept")  # fmt: skip
+INSERTION_KEYS = (
+    "pair",
+    "inserted",
+    "kept_order",
+    "kept_val_metric",
+    "kept_val_bitops_ratio",
+    "kept_test_metric",
+    "kept_test_bitops_ratio",
+    "reversed_order",
+    "reversed_val_metric",
+    "reversed_val_bitops_ratio",
+    "reversed_test_metric",
+    "reversed_test_bitops_ratio",
+    "preference_kept",
+)
 
 
-def insertion(states: Mapping[str, State], pairs: Sequence[Mapping[str, Any]],
-              stages: Sequence[str], hib: bool, tie_tol: float) -> list[dict[str, Any]]:  # fmt: skip
+def insertion(
+    states: Mapping[str, State],
+    pairs: Sequence[Mapping[str, Any]],
+    stages: Sequence[str],
+    hib: bool,
+    tie_tol: float,
+) -> list[dict[str, Any]]:
     """For each pair won by A->B and each third stage C: A->C->B vs B->C->A, the preference
     kept where A->C->B is better by validation (tied pairs have no preference to keep and are
     left out). Test numbers ride along (:data:`INSERTION_KEYS`)."""
@@ -382,14 +451,21 @@ def insertion(states: Mapping[str, State], pairs: Sequence[Mapping[str, Any]],
             acb, bca = states.get(a + c + b), states.get(b + c + a)
             if acb is None or bca is None:
                 continue
-            rows.append({"pair": f"{a}->{b}", "inserted": c, **_side("kept_order", "kept", acb),
-                         **_side("reversed_order", "reversed", bca),
-                         "preference_kept": better(acb, bca, hib, tie_tol)})  # fmt: skip
+            rows.append(
+                {
+                    "pair": f"{a}->{b}",
+                    "inserted": c,
+                    **_side("kept_order", "kept", acb),
+                    **_side("reversed_order", "reversed", bca),
+                    "preference_kept": better(acb, bca, hib, tie_tol),
+                }
+            )
     return rows
 
 
-def order_effect(chains: Sequence[Chain], stages: Sequence[str],
-                 split: Literal["val", "test"] = "val") -> list[list[float]]:  # fmt: skip
+def order_effect(
+    chains: Sequence[Chain], stages: Sequence[str], split: Literal["val", "test"] = "val"
+) -> list[list[float]]:
     """M[i][j] = mean final metric on ``split`` (validation unless asked) of the full orders
     with stage i before stage j, minus the mean of those with j before i (NaN on the diagonal
     or where either side is empty). Give one chain per order (:func:`best_per_order`)."""
@@ -402,10 +478,16 @@ def order_effect(chains: Sequence[Chain], stages: Sequence[str],
     for x in stages:
         line = []
         for y in stages:
-            before = [final(c) for c in full if x in c.order and y in c.order
-                      and c.order.index(x) < c.order.index(y)]  # fmt: skip
-            after = [final(c) for c in full if x in c.order and y in c.order
-                     and c.order.index(x) > c.order.index(y)]  # fmt: skip
+            before = [
+                final(c)
+                for c in full
+                if x in c.order and y in c.order and c.order.index(x) < c.order.index(y)
+            ]
+            after = [
+                final(c)
+                for c in full
+                if x in c.order and y in c.order and c.order.index(x) > c.order.index(y)
+            ]
             ok = x != y and before and after
             line.append(sum(before) / len(before) - sum(after) / len(after) if ok else math.nan)
         out.append(line)
@@ -419,16 +501,30 @@ def pareto(points: Sequence[tuple[float, float]], hib: bool) -> list[int]:
     for i, (m, r) in enumerate(points):
         dominated = any(
             sign * m2 >= sign * m and r2 >= r and (sign * m2 > sign * m or r2 > r)
-            for j, (m2, r2) in enumerate(points) if j != i
-        )  # fmt: skip
+            for j, (m2, r2) in enumerate(points)
+            if j != i
+        )
         if not dominated:
             keep.append(i)
     return sorted(keep, key=lambda i: -points[i][1])
 
 
-ORDER_KEYS = ("rank", "order", "runs", "val_metric", "val_delta", "val_bitops_ratio",
-              "test_metric", "test_delta", "test_bitops_ratio", "pareto", "macs", "params",
-              "size_mb", "run_id")  # fmt: skip
+ORDER_KEYS = (
+    "rank",
+    "order",
+    "runs",
+    "val_metric",
+    "val_delta",
+    "val_bitops_ratio",
+    "test_metric",
+    "test_delta",
+    "test_bitops_ratio",
+    "pareto",
+    "macs",
+    "params",
+    "size_mb",
+    "run_id",
+)
 
 
 def all_orders(chains: Sequence[Chain], stages: Sequence[str], hib: bool) -> list[dict[str, Any]]:
@@ -441,21 +537,35 @@ def all_orders(chains: Sequence[Chain], stages: Sequence[str], hib: bool) -> lis
         if len(c.order) != len(stages):
             continue
         s = state_of(c, len(c.rows) - 1)
-        rows.append({"order": c.order, "runs": c.runs, "val_metric": s.metric,
-                     "val_delta": s.delta, "val_bitops_ratio": s.bitops_ratio,
-                     "test_metric": s.test_metric, "test_delta": s.test_delta,
-                     "test_bitops_ratio": s.test_bitops_ratio, "macs": c.last.macs,
-                     "params": c.last.params, "size_mb": c.last.size_mb, "run_id": c.run_id})  # fmt: skip
+        rows.append(
+            {
+                "order": c.order,
+                "runs": c.runs,
+                "val_metric": s.metric,
+                "val_delta": s.delta,
+                "val_bitops_ratio": s.bitops_ratio,
+                "test_metric": s.test_metric,
+                "test_delta": s.test_delta,
+                "test_bitops_ratio": s.test_bitops_ratio,
+                "macs": c.last.macs,
+                "params": c.last.params,
+                "size_mb": c.last.size_mb,
+                "run_id": c.run_id,
+            }
+        )
     sign = 1.0 if hib else -1.0
     rows.sort(key=lambda r: (-sign * r["val_metric"], -r["val_bitops_ratio"], r["order"]))
     on_front = set(pareto([(r["val_metric"], r["val_bitops_ratio"]) for r in rows], hib))
     for i, r in enumerate(rows):
         r["pareto"] = i in on_front
         r["rank"] = 1 + sum(
-            1 for o in rows
+            1
+            for o in rows
             if sign * o["val_metric"] > sign * r["val_metric"]
-            or (o["val_metric"] == r["val_metric"] and o["val_bitops_ratio"] > r["val_bitops_ratio"])
-        )  # fmt: skip
+            or (
+                o["val_metric"] == r["val_metric"] and o["val_bitops_ratio"] > r["val_bitops_ratio"]
+            )
+        )
     return rows
 
 
@@ -494,9 +604,24 @@ def save_figure(fig: Any, path: Path) -> None:
     plt.close(fig)
 
 
-STEP_KEYS = ("chain", "kept", "k", "step", "val_metric", "test_metric", "val_delta", "test_delta",
-             "val_bitops_ratio", "test_bitops_ratio", "val_bitops", "bitops", "macs", "params",
-             "size_mb", "run_id")  # fmt: skip
+STEP_KEYS = (
+    "chain",
+    "kept",
+    "k",
+    "step",
+    "val_metric",
+    "test_metric",
+    "val_delta",
+    "test_delta",
+    "val_bitops_ratio",
+    "test_bitops_ratio",
+    "val_bitops",
+    "bitops",
+    "macs",
+    "params",
+    "size_mb",
+    "run_id",
+)
 
 
 def step_rows(chains: Sequence[Chain], kept: Iterable[str] | None = None) -> list[dict[str, Any]]:
@@ -507,13 +632,26 @@ def step_rows(chains: Sequence[Chain], kept: Iterable[str] | None = None) -> lis
     for c in chains:
         for k, row in enumerate(c.rows):
             s = state_of(c, k)
-            out.append({"chain": c.order, "kept": keep is None or c.run_id in keep, "k": row.k,
-                        "step": row.name, "val_metric": row.val_metric,
-                        "test_metric": row.test_metric, "val_delta": s.delta,
-                        "test_delta": s.test_delta, "val_bitops_ratio": s.bitops_ratio,
-                        "test_bitops_ratio": s.test_bitops_ratio, "val_bitops": row.val_bitops,
-                        "bitops": row.bitops, "macs": row.macs, "params": row.params,
-                        "size_mb": row.size_mb, "run_id": c.run_id})  # fmt: skip
+            out.append(
+                {
+                    "chain": c.order,
+                    "kept": keep is None or c.run_id in keep,
+                    "k": row.k,
+                    "step": row.name,
+                    "val_metric": row.val_metric,
+                    "test_metric": row.test_metric,
+                    "val_delta": s.delta,
+                    "test_delta": s.test_delta,
+                    "val_bitops_ratio": s.bitops_ratio,
+                    "test_bitops_ratio": s.test_bitops_ratio,
+                    "val_bitops": row.val_bitops,
+                    "bitops": row.bitops,
+                    "macs": row.macs,
+                    "params": row.params,
+                    "size_mb": row.size_mb,
+                    "run_id": c.run_id,
+                }
+            )
     return out
 
 
@@ -521,8 +659,9 @@ def _metric_name(hib: bool) -> str:
     return "accuracy (%)" if hib else "MAE (degrees)"
 
 
-def plot_pareto(chains: Sequence[Chain], states: Mapping[str, State], hib: bool, path: Path,
-                title: str) -> None:  # fmt: skip
+def plot_pareto(
+    chains: Sequence[Chain], states: Mapping[str, State], hib: bool, path: Path, title: str
+) -> None:
     """Every state on (validation BitOps reduction, validation metric) and their front."""
     plt = pyplot()
 
@@ -535,14 +674,24 @@ def plot_pareto(chains: Sequence[Chain], states: Mapping[str, State], hib: bool,
         marker = markers[(n - 1) % len(markers)]
         sel = [s for s in pts if len(s.order) == n]
         if sel:
-            ax.scatter([s.bitops_ratio for s in sel], [s.metric for s in sel], marker=marker,
-                       alpha=0.6, label=f"{n} step{'s' if n > 1 else ''}")  # fmt: skip
+            ax.scatter(
+                [s.bitops_ratio for s in sel],
+                [s.metric for s in sel],
+                marker=marker,
+                alpha=0.6,
+                label=f"{n} step{'s' if n > 1 else ''}",
+            )
     fx = [pts[i].bitops_ratio for i in front]
     fy = [pts[i].metric for i in front]
     ax.plot(fx, fy, "k--", lw=1, label="Pareto front (validation)")
     for i in front:
-        ax.annotate(pts[i].order, (pts[i].bitops_ratio, pts[i].metric), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            pts[i].order,
+            (pts[i].bitops_ratio, pts[i].metric),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     base = chains[0].base.val_metric
     ax.axhline(base, color="grey", lw=0.8, ls=":", label=f"baseline {base:.2f}")
     ax.set_xscale("log")
@@ -564,11 +713,18 @@ def plot_waterfall(chain: Chain, hib: bool, path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("test BitOps reduction (x, log)")
     for b, r in zip(bars, ratios, strict=True):
-        ax.annotate(f"{r:.1f}x", (b.get_x() + b.get_width() / 2, r), ha="center", fontsize=8,
-                    xytext=(0, 2), textcoords="offset points")  # fmt: skip
+        ax.annotate(
+            f"{r:.1f}x",
+            (b.get_x() + b.get_width() / 2, r),
+            ha="center",
+            fontsize=8,
+            xytext=(0, 2),
+            textcoords="offset points",
+        )
     ax2 = ax.twinx()
-    ax2.plot(labels, [r.val_metric for r in chain.rows], "s--", color="tab:orange",
-             label="validation")  # fmt: skip
+    ax2.plot(
+        labels, [r.val_metric for r in chain.rows], "s--", color="tab:orange", label="validation"
+    )
     ax2.plot(labels, [r.test_metric for r in chain.rows], "o-", color="tab:red", label="test")
     ax2.set_ylabel(_metric_name(hib), color="tab:red")
     ax2.legend(fontsize=7)
@@ -576,8 +732,9 @@ def plot_waterfall(chain: Chain, hib: bool, path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
-def plot_matrix(matrix: Sequence[Sequence[float]], stages: Sequence[str], hib: bool, path: Path,
-                title: str) -> None:  # fmt: skip
+def plot_matrix(
+    matrix: Sequence[Sequence[float]], stages: Sequence[str], hib: bool, path: Path, title: str
+) -> None:
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(4.6, 4.0))
@@ -601,8 +758,9 @@ def plot_matrix(matrix: Sequence[Sequence[float]], stages: Sequence[str], hib: b
 
 
 def _matrix_rows(matrix: Sequence[Sequence[float]], stages: Sequence[str]) -> list[dict[str, Any]]:
-    return [{"": x, **{y: matrix[i][j] for j, y in enumerate(stages)}}
-            for i, x in enumerate(stages)]  # fmt: skip
+    return [
+        {"": x, **{y: matrix[i][j] for j, y in enumerate(stages)}} for i, x in enumerate(stages)
+    ]
 
 
 def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -> dict[str, Path]:
@@ -619,11 +777,13 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
     folded = len(chains) - len(best)
     store = re.sub(r"//[^/@]*@", "//***@", store)  # no credentials in the written files
     base = chains[0].base
-    head = (f"Generated by `chaincomp report` from MLflow ({store or 'tracking.uri'}), source "
-            f"`{rcfg.source}`: {len(chains)} chains read, {folded} folded into their order's "
-            f"best by validation ({len(best)} orders); {task}. Baseline validation metric "
-            f"{base.val_metric:.2f}, test {base.test_metric:.2f}. BitOps are expected per sample "
-            "on each split (early exits at their measured rates).\n\n" + SELECTION)  # fmt: skip
+    head = (
+        f"Generated by `chaincomp report` from MLflow ({store or 'tracking.uri'}), source "
+        f"`{rcfg.source}`: {len(chains)} chains read, {folded} folded into their order's "
+        f"best by validation ({len(best)} orders); {task}. Baseline validation metric "
+        f"{base.val_metric:.2f}, test {base.test_metric:.2f}. BitOps are expected per sample "
+        "on each split (early exits at their measured rates).\n\n" + SELECTION
+    )
     written: dict[str, Path] = {}
 
     def folder(study: str) -> Path:
@@ -657,20 +817,26 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
             ties = [p["pair"] for p in pairs if p["winner"] == "tie"]
             tied = f"Tied pairs (no edge): {', '.join(ties)}." if ties else ""
             if prec["cycle"]:
-                derived = (f"The graph has a cycle ({' -> '.join(prec['cycle'])}); the order by "
-                           f"pairwise wins is **{'->'.join(prec['order'])}**.")  # fmt: skip
+                derived = (
+                    f"The graph has a cycle ({' -> '.join(prec['cycle'])}); the order by "
+                    f"pairwise wins is **{'->'.join(prec['order'])}**."
+                )
             else:
-                kind = "the only order consistent with every pair" if prec["unique"] else (
-                    "one of several orders consistent with the pairs; ready stages taken by "
-                    "pairwise wins")  # fmt: skip
+                kind = (
+                    "the only order consistent with every pair"
+                    if prec["unique"]
+                    else (
+                        "one of several orders consistent with the pairs; ready stages taken by "
+                        "pairwise wins"
+                    )
+                )
                 derived = f"Topological sort: **{'->'.join(prec['order'])}** ({kind})."
             if prec["order"] == paper and prec["unique"]:
                 verdict = "reproduced (the only consistent order)"
             elif consistent(paper, prec["edges"]) and not prec["cycle"]:
                 verdict = "consistent with every pair, but not the only consistent order"
             else:
-                broken = [f"{x}->{y}" for x, y in prec["edges"]
-                          if paper.index(x) > paper.index(y)]  # fmt: skip
+                broken = [f"{x}->{y}" for x, y in prec["edges"] if paper.index(x) > paper.index(y)]
                 verdict = f"not reproduced (the pairs prefer {', '.join(broken) or 'otherwise'})"
             wins = [{"stage": s, "wins": prec["wins"][s]} for s in stages]
             text = markdown(
@@ -684,8 +850,11 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
                 markdown_table(wins, ("stage", "wins")),
             )
             write_text(out / "precedence.md", text)
-            write_csv(out / "precedence.csv",
-                      [{"before": x, "after": y} for x, y in prec["edges"]], ("before", "after"))  # fmt: skip
+            write_csv(
+                out / "precedence.csv",
+                [{"before": x, "after": y} for x, y in prec["edges"]],
+                ("before", "after"),
+            )
         elif study == "insertion":
             ins = insertion(states, pairs, stages, hib, rcfg.tie_tol)
             write_csv(out / "insertion.csv", ins, INSERTION_KEYS)
@@ -735,30 +904,55 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
                 "![order effect](order_effect.png)",
             )
             write_text(out / "orders.md", text)
-            plot_pareto(best, states, hib, out / "pareto.png",
-                        f"{rcfg.label}: every chain and prefix")  # fmt: skip
+            plot_pareto(
+                best, states, hib, out / "pareto.png", f"{rcfg.label}: every chain and prefix"
+            )
             full = [c for c in best if len(c.order) == len(stages)]
             show = next((c for c in full if c.order == paper), full[0] if full else best[0])
             plot_waterfall(
                 show, hib, out / "waterfall.png", f"{rcfg.label}: {'->'.join(show.order)}"
             )
-            plot_matrix(matrix, stages, hib, out / "order_effect.png",
-                        f"{rcfg.label}: order effect (validation)")  # fmt: skip
+            plot_matrix(
+                matrix,
+                stages,
+                hib,
+                out / "order_effect.png",
+                f"{rcfg.label}: order effect (validation)",
+            )
         elif study == "headline":
             chain = next((c for c in best if c.order == PAPER_ORDER), best[-1])
             srows = [r for r in steps if r["run_id"] == chain.run_id]
-            keys = ("k", "step", "val_metric", "test_metric", "val_delta", "test_delta",
-                    "val_bitops_ratio", "test_bitops_ratio", "val_bitops", "bitops", "macs",
-                    "params", "size_mb")  # fmt: skip
+            keys = (
+                "k",
+                "step",
+                "val_metric",
+                "test_metric",
+                "val_delta",
+                "test_delta",
+                "val_bitops_ratio",
+                "test_bitops_ratio",
+                "val_bitops",
+                "bitops",
+                "macs",
+                "params",
+                "size_mb",
+            )
             write_csv(out / "steps.csv", srows, STEP_KEYS)
             ratio = _ratio(chain.base.bitops, chain.last.bitops)
             delta = chain.last.test_metric - chain.base.test_metric
-            refs = [{"result": name, "BitOps reduction": f"{r:.1f}x", "accuracy change (points)": d}
-                    for name, r, d in REFERENCES]  # fmt: skip
+            refs = [
+                {"result": name, "BitOps reduction": f"{r:.1f}x", "accuracy change (points)": d}
+                for name, r, d in REFERENCES
+            ]
             runs = f", best by validation of {chain.runs} runs" if chain.runs > 1 else ""
-            refs.insert(0, {"result": f"chaincomp {'->'.join(chain.order)} (this run{runs})",
-                            "BitOps reduction": f"{ratio:.1f}x",
-                            "accuracy change (points)": f"{delta:+.2f}"})  # fmt: skip
+            refs.insert(
+                0,
+                {
+                    "result": f"chaincomp {'->'.join(chain.order)} (this run{runs})",
+                    "BitOps reduction": f"{ratio:.1f}x",
+                    "accuracy change (points)": f"{delta:+.2f}",
+                },
+            )
             text = markdown(
                 head,
                 f"## {'->'.join(chain.order)} step by step",

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import random
+import sys
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -15,6 +16,24 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from chaincomp.errors import ChaincompError
+
+
+def config_dir() -> Path:
+    """``conf/`` shipped inside the package (wheel) or at the repository root (editable install)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "conf", here.parent.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise ChaincompError(f"config directory not found next to {here}")
+
+
+def console() -> Any:
+    """A rich console that does not truncate tables when stdout is a file or pipe."""
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=200)
 
 
 def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object]) -> Path:
@@ -39,16 +58,18 @@ def atomic_write(path: str | os.PathLike[str], writer: Callable[[Path], object])
     return path
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str],
-                   cell: Callable[[Any], str] = str) -> str:  # fmt: skip
+def markdown_table(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], cell: Callable[[Any], str] = str
+) -> str:
     """A Markdown table of ``rows`` with columns ``keys`` (missing values empty)."""
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]],
-              keys: Sequence[str]) -> Path:  # fmt: skip
+def write_csv(
+    path: str | os.PathLike[str], rows: Sequence[Mapping[str, Any]], keys: Sequence[str]
+) -> Path:
     """Atomically write ``rows`` as CSV with columns ``keys`` (other keys ignored)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(keys), extrasaction="ignore")

@@ -1,5 +1,5 @@
-"""Chains of stages: the runner (:mod:`.runner`), the prefix cache (:mod:`.cache`) and replay
-(:mod:`.replay`)."""
+"""Chains of stages: the spec (:mod:`.spec`), the runner (:mod:`.runner`), the prefix cache
+(:mod:`.cache`) and replay (:mod:`.replay`)."""
 
 from chaincomp.chain.cache import (
     CACHE_FORMAT,
@@ -9,7 +9,8 @@ from chaincomp.chain.cache import (
     prefix_keys,
 )
 from chaincomp.chain.replay import load_chain, replay, save_chain, trainable_names
-from chaincomp.chain.runner import ChainSpec, Step, chain_spec, run_chain
+from chaincomp.chain.runner import run_chain
+from chaincomp.chain.spec import ChainSpec, Step, chain_spec
 
 __all__ = [
     "CACHE_FORMAT",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -26,25 +27,36 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
-from chaincomp.pipeline import _section, optim_config, trainer_config
-
-if TYPE_CHECKING:
-    from chaincomp.chain.runner import ChainSpec
+from chaincomp.chain.spec import ChainSpec
+from chaincomp.pipeline import config_section, optim_config, trainer_config
+from chaincomp.stages import stages
 
 log = logging.getLogger("chaincomp.cache")
 
-#: Layout of an entry (``entry.json`` keys and their meaning). Bump on any change of layout.
-CACHE_FORMAT = 2
+#: Layout of an entry (``entry.json`` keys and their meaning, records as typed, versioned JSON).
+#: Bump on any change of layout.
+CACHE_FORMAT = 3
 
 # Modules whose code decides what a trained state is. Not here: report, search, tracking and
 # the CLI (they read results, they do not make them).
-_RESULT_CODE = ("chain", "cost", "data", "models", "stages", "module.py", "optim.py",
-                "pipeline.py", "tasks.py", "utils.py")  # fmt: skip
+_RESULT_CODE = (
+    "chain",
+    "cost",
+    "data",
+    "layers",
+    "models",
+    "stages",
+    "module.py",
+    "optim.py",
+    "pipeline.py",
+    "tasks.py",
+    "utils.py",
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -52,12 +64,19 @@ def code_fingerprint() -> str:
     """A hash of the source of every module that shapes a trained state (see ``_RESULT_CODE``)."""
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256()
-    for part in _RESULT_CODE:
-        path = root / part
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for f in files:
-            h.update(str(f.relative_to(root)).encode())
-            h.update(f.read_bytes())
+    files = [
+        f
+        for part in _RESULT_CODE
+        for f in (sorted((root / part).rglob("*.py")) if (root / part).is_dir() else [root / part])
+    ]
+    # stages defined outside the package (found through a conf/stage _target_) shape results too
+    for cls in stages().values():
+        source = inspect.getsourcefile(cls)
+        if source and root not in Path(source).resolve().parents:
+            files.append(Path(source).resolve())
+    for f in files:
+        h.update(f.name.encode())
+        h.update(f.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -76,14 +95,23 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
     """Content hashes: [baseline, after step 1, ..., after step n]."""
     tcfg = trainer_config(cfg)
     base = {
         "cache_format": CACHE_FORMAT,
         "code": code_fingerprint(),
-        "data": _section(cfg, "data"),
-        "model": _section(cfg, "model"),
+        "data": config_section(cfg, "data"),
+        "model": config_section(cfg, "model"),
         "optim": dataclasses.asdict(optim_config(cfg)),
         "train": {
             "epochs": tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs,
@@ -91,7 +119,8 @@ def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
             "limit_train_batches": tcfg.limit_train_batches,
             "gradient_clip_val": tcfg.gradient_clip_val,
         },
-        "checkpoint": spec.baseline_checkpoint,
+        # the checkpoint's content, not its path: an overwritten file is another baseline
+        "checkpoint": file_digest(spec.baseline_checkpoint) if spec.baseline_checkpoint else None,
         "seed": int(cfg.get("seed", 0)),
     }
     keys = [digest(base)]
@@ -99,7 +128,7 @@ def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
         content = {
             "prev": keys[-1],
             "stage": step.stage.name,
-            "settings": step.make().settings.as_dict(),
+            "settings": step.settings.as_dict(),
         }
         keys.append(digest(content))
     return keys

@@ -19,7 +19,7 @@ from torch import nn
 
 from chaincomp.models import build_model
 from chaincomp.module import CompressibleModule
-from chaincomp.stages import ReplayInfo, stage_class
+from chaincomp.stages import ReplayInfo, record_from_json, stage_class
 from chaincomp.utils import atomic_write
 
 
@@ -57,8 +57,9 @@ def replay(
     and optimizer settings."""
     info = replay_info(entry)
     module.net = info.build(entry["model"])
-    for record in entry["records"]:
-        stage_class(record["stage"]).replay(module, record, info)
+    for data in entry["records"]:
+        record = record_from_json(data)
+        stage_class(record.stage).replay(module, record, info)
     module.net.load_state_dict(weights, strict=True)
     if "trainable" in entry:
         set_trainable(module.net, entry["trainable"])

@@ -15,8 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,97 +24,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.chain.cache import CacheStats, PrefixCache, entry_version, prefix_keys
 from chaincomp.chain.replay import replay, save_chain, trainable_names
-from chaincomp.errors import ConfigError
+from chaincomp.chain.spec import ChainSpec, chain_spec
 from chaincomp.pipeline import (
-    _section,
     build_data,
     build_module,
+    config_section,
     fine_tuner,
     measure,
     trainer_config,
 )
-from chaincomp.stages import Stage, StageContext, stage_class
-from chaincomp.stages.early_exit import retune
+from chaincomp.stages import StageContext, StageRecord, record_from_json, stage_class
 from chaincomp.tracking import MlflowMetricsCallback, NullTracker, Run, Tracker
 from chaincomp.utils import seed_everything, write_json
 
 log = logging.getLogger("chaincomp.chain")
 
 ROW_KEYS = ("val_metric", "test_metric", "macs", "bitops", "val_bitops", "params", "size_mb")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One entry of the chain's catalogue: ``name`` (as used in ``order``), stage, settings."""
-
-    name: str
-    stage: type[Stage]
-    settings: dict[str, Any]
-
-    def make(self) -> Stage:
-        return self.stage.from_config(self.settings, prefix=f"chain.steps.{self.name}.settings")
-
-
-@dataclass(frozen=True)
-class ChainSpec:
-    """Validated ``chain`` config: the ordered steps, the baseline settings and the cache."""
-
-    name: str
-    steps: tuple[Step, ...]
-    baseline_epochs: int | None = None
-    baseline_checkpoint: str | None = None
-    cache_dir: str | None = None
-
-    @property
-    def order(self) -> list[str]:
-        return [s.name for s in self.steps]
-
-    @property
-    def letters(self) -> str:
-        return "".join(s.stage.letter for s in self.steps)
-
-
-CHAIN_KEYS = ("name", "order", "steps", "baseline", "cache_dir")
-
-
-def chain_spec(cfg: DictConfig | Mapping[str, Any]) -> ChainSpec:
-    """Read and validate ``cfg.chain`` (every step's settings are checked here, up front)."""
-    chain = _section(cfg, "chain")
-    unknown = sorted(set(chain) - set(CHAIN_KEYS))
-    if unknown:
-        raise ConfigError(f"chain.{unknown[0]}", "unknown key", CHAIN_KEYS)
-    catalogue = chain.get("steps") or {}
-    order = chain.get("order")
-    if order is None or isinstance(order, str | bytes) or not isinstance(order, Sequence):
-        raise ConfigError("chain.order", f"must be a list of step names, got {order!r}",
-                          sorted(catalogue))  # fmt: skip
-    steps = []
-    for name in order:
-        if name not in catalogue:
-            raise ConfigError("chain.order", f"unknown step {name!r}", sorted(catalogue))
-        entry = dict(catalogue[name] or {})
-        extra = sorted(set(entry) - {"stage", "settings", "search"})
-        if extra:
-            raise ConfigError(f"chain.steps.{name}.{extra[0]}", "unknown key",
-                              ["stage", "settings", "search"])  # fmt: skip
-        cls = stage_class(str(entry.get("stage", name)), f"chain.steps.{name}.stage")
-        step = Step(str(name), cls, dict(entry.get("settings") or {}))
-        step.make()  # validates the settings
-        steps.append(step)
-    base = dict(chain.get("baseline") or {})
-    bad = sorted(set(base) - {"epochs", "checkpoint"})
-    if bad:
-        raise ConfigError(f"chain.baseline.{bad[0]}", "unknown key", ["epochs", "checkpoint"])
-    epochs = base.get("epochs")
-    if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
-        raise ConfigError("chain.baseline.epochs", f"invalid value {epochs!r}", "null or >= 0")
-    return ChainSpec(
-        name=str(chain.get("name") or "chain"),
-        steps=tuple(steps),
-        baseline_epochs=epochs,
-        baseline_checkpoint=base.get("checkpoint"),
-        cache_dir=chain.get("cache_dir"),
-    )
 
 
 def _row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -162,13 +86,18 @@ def run_chain(
     cache = PrefixCache(spec.cache_dir)
     entry: dict[str, Any] = {
         **entry_version(),
-        "data": {"name": dm.cfg.name, "task": dm.task.name, "in_channels": dm.in_channels,
-                 "num_outputs": dm.num_outputs, "image_size": list(dm.image_size)},
-        "model": _section(cfg, "model"),
+        "data": {
+            "name": dm.cfg.name,
+            "task": dm.task.name,
+            "in_channels": dm.in_channels,
+            "num_outputs": dm.num_outputs,
+            "image_size": list(dm.image_size),
+        },
+        "model": config_section(cfg, "model"),
         "records": [],
         "rows": [],
         "keys": [],
-    }  # fmt: skip
+    }
     name = run_name or f"chain {spec.letters or 'baseline'}"
     all_tags = {"chaincomp.command": "run", "chaincomp.order": spec.letters, **(tags or {})}
     with tracker.run(name=name, parent=parent, tags=all_tags) as chain_run:
@@ -193,35 +122,46 @@ def run_chain(
         if stats.stale > stale_before:
             log.warning(
                 "%d cached prefix(es) of this chain were written by another cache format or code "
-                "version: ignored, recomputed and replaced", stats.stale - stale_before,
-            )  # fmt: skip
+                "version: ignored, recomputed and replaced",
+                stats.stale - stale_before,
+            )
         if found is not None:
             cached, weights = found
             for row in cached["rows"]:
                 row["cached"] = True
-            entry.update(records=cached["records"], rows=cached["rows"], keys=cached["keys"],
-                         trainable=cached["trainable"])  # fmt: skip
+            entry.update(
+                records=cached["records"],
+                rows=cached["rows"],
+                keys=cached["keys"],
+                trainable=cached["trainable"],
+            )
             replay(entry, weights, module)
             module.to(device)
             stats.reused += start
         for k, row in enumerate(entry["rows"]):
             label = "baseline" if k == 0 else f"{k}:{row['name']}"
-            with tracker.run(name=label, parent=chain_run,
-                             tags={"chaincomp.cached": "true", "chaincomp.cache_key": keys[k]}) as r:  # fmt: skip
+            with tracker.run(
+                name=label,
+                parent=chain_run,
+                tags={"chaincomp.cached": "true", "chaincomp.cache_key": keys[k]},
+            ) as r:
                 r.log_metrics(_numeric(row))
             if on_step:
                 on_step(row)
 
+        records = [record_from_json(r) for r in entry["records"]]
         model_cfg = entry["model"]
-        for rec in entry["records"]:
-            if rec["stage"] == "distill":
-                model_cfg = rec["model"]
+        for rec in records:
+            model_cfg = rec.net_config() or model_cfg
         for k in range(start + 1, len(keys)):
             t0 = time.perf_counter()
             if k == 0:
                 label = "baseline"
-                with tracker.run(name=label, parent=chain_run,
-                                 tags={"chaincomp.cached": "false", "chaincomp.cache_key": keys[0]}) as run:  # fmt: skip
+                with tracker.run(
+                    name=label,
+                    parent=chain_run,
+                    tags={"chaincomp.cached": "false", "chaincomp.cache_key": keys[0]},
+                ) as run:
                     epochs = (
                         tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs
                     )
@@ -234,33 +174,58 @@ def run_chain(
                     else:
                         train_time = fine_tune(run, "baseline/")(module, epochs)
                         stats.baselines_trained += 1
-                    row = {"name": "baseline", "stage": "baseline", **measure(module, dm),
-                           "train_time_s": train_time, "cached": False}  # fmt: skip
+                    row = {
+                        "name": "baseline",
+                        "stage": "baseline",
+                        **measure(module, dm),
+                        "train_time_s": train_time,
+                        "cached": False,
+                    }
                     run.log_metrics(_numeric(row))
             else:
                 step = spec.steps[k - 1]
                 stage = step.make()
                 label = f"{k}:{step.name}"
-                with tracker.run(name=label, parent=chain_run,
-                                 tags={"chaincomp.cached": "false", "chaincomp.cache_key": keys[k],
-                                       "chaincomp.stage": stage.name}) as run:  # fmt: skip
-                    ctx = StageContext(dm=dm, fit=fine_tune(run, f"{stage.name}/"),
-                                       records=list(entry["records"]), model_cfg=model_cfg, seed=seed)  # fmt: skip
+                with tracker.run(
+                    name=label,
+                    parent=chain_run,
+                    tags={
+                        "chaincomp.cached": "false",
+                        "chaincomp.cache_key": keys[k],
+                        "chaincomp.stage": stage.name,
+                    },
+                ) as run:
+                    ctx = StageContext(
+                        dm=dm,
+                        fit=fine_tune(run, f"{stage.name}/"),
+                        records=list(records),
+                        model_cfg=model_cfg,
+                        seed=seed,
+                    )
                     seed_everything(seed + k)
                     record = stage.run(module, ctx)
                     model_cfg = ctx.model_cfg
-                    if "threshold" not in record:
-                        chosen = retune(module, dm)
-                        if chosen is not None:
-                            record["threshold"] = chosen["threshold"]
+                    ctx.records.append(record)
+                    amendments = later_effects(ctx, record, module)
                     module.to(device)
-                    row = {"name": step.name, "stage": stage.name, **measure(module, dm),
-                           "train_time_s": record.get("train_time_s", 0.0), "cached": False,
-                           **{f"{stage.name}.{key}": v for key, v in stage.summary().items()}}  # fmt: skip
-                    entry["records"].append(record)
+                    row = {
+                        "name": step.name,
+                        "stage": stage.name,
+                        **measure(module, dm),
+                        "train_time_s": record.train_time_s,
+                        "cached": False,
+                        **{f"{stage.name}.{key}": v for key, v in stage.summary().items()},
+                    }
+                    records += [record, *amendments]
+                    entry["records"] = [r.to_json() for r in records]
                     run.log_params({"stage": stage.name, **stage.settings.as_dict()})
                     run.log_metrics(_numeric(row))
-                    run.log_text(json.dumps(record, indent=1, default=float), "record.json")
+                    run.log_text(
+                        json.dumps(
+                            [r.to_json() for r in [record, *amendments]], indent=1, default=float
+                        ),
+                        "record.json",
+                    )
                     stats.executed += 1
                     stats.executed_keys.append(keys[k])
             row["time_s"] = time.perf_counter() - t0
@@ -281,6 +246,19 @@ def run_chain(
     return summary
 
 
+def later_effects(ctx: StageContext, record: StageRecord, module: Any) -> list[StageRecord]:
+    """After a step: every *other* record in force reacts (:meth:`Stage.after_step`: an exit
+    threshold is re-chosen, quantization records the layers it took in); returns the
+    amendment records, which are replayed right after the step's record."""
+    out = []
+    for rec in ctx.in_force():
+        if rec is not record:
+            amendment = stage_class(rec.stage).after_step(rec, module, ctx)
+            if amendment is not None:
+                out.append(amendment)
+    return out
+
+
 def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
     out = {}
     for k, v in row.items():
@@ -297,9 +275,16 @@ def summarize(dm: Any, spec: ChainSpec, entry: Mapping[str, Any], run: Run) -> d
     larger error for MAE)."""
     rows = entry["rows"]
     base, last = rows[0], rows[-1]
-    stages = [{"name": r["name"], "stage": r["stage"], "cached": r.get("cached", False),
-               **_foundation(dm, r), **{k: v for k, v in r.items() if "." in k}}
-              for r in rows[1:]]  # fmt: skip
+    stages = [
+        {
+            "name": r["name"],
+            "stage": r["stage"],
+            "cached": r.get("cached", False),
+            **_foundation(dm, r),
+            **{k: v for k, v in r.items() if "." in k},
+        }
+        for r in rows[1:]
+    ]
     return {
         **_foundation(dm, last),
         "mlflow_run_id": run.run_id,

@@ -203,13 +203,19 @@ class ChainDataModule(pl.LightningDataModule):
         train = split == "train" if train is None else train
         c = self.cfg
         return DeviceBatches(
-            x, y, self.task, self.mean, self.std,
+            x,
+            y,
+            self.task,
+            self.mean,
+            self.std,
             c.batch_size if train else c.eval_batch_size,
-            shuffle=train, drop_last=train and len(x) > c.batch_size,
+            shuffle=train,
+            drop_last=train and len(x) > c.batch_size,
             augment=Augment(c.crop_padding, c.flip) if train else None,
             extras=None if train else extras,
-            seed=c.seed, channels_last=self.channels_last,
-        )  # fmt: skip
+            seed=c.seed,
+            channels_last=self.channels_last,
+        )
 
     def train_dataloader(self) -> DeviceBatches:
         return self.loader("train")

@@ -149,8 +149,17 @@ def has_idx_dataset(directory: Path) -> bool:
 
 # -------------------------------------------------------------------------------- CIFAR python
 CIFAR10_CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
-]  # fmt: skip
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
 
 
 class _NumpyOnlyUnpickler(pickle.Unpickler):

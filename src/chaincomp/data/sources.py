@@ -199,9 +199,17 @@ _FASHION_MD5 = {
     "test_y": "bb300cfdad3c16e7a12a480ee83cd310",
 }
 FASHION_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
     "Ankle boot",
-]  # fmt: skip
+]
 
 SOURCES: dict[str, Source] = {
     "digits": DigitsSource(),
@@ -355,17 +363,26 @@ def load_raw(
         try:
             with np.load(cache_file, allow_pickle=False) as z:
                 return RawDataset(
-                    train_x=z["train_x"], train_y=z["train_y"], test_x=z["test_x"],
-                    test_y=z["test_y"], classes=[str(c) for c in z["classes"]],
-                )  # fmt: skip
+                    train_x=z["train_x"],
+                    train_y=z["train_y"],
+                    test_x=z["test_x"],
+                    test_y=z["test_y"],
+                    classes=[str(c) for c in z["classes"]],
+                )
         except (OSError, ValueError, KeyError):
             cache_file.unlink(missing_ok=True)  # corrupt cache entry: decode again
     raw = source.read(location, options)
 
     def _save(tmp: Path) -> None:
         with tmp.open("wb") as fh:
-            np.savez(fh, train_x=raw.train_x, train_y=raw.train_y, test_x=raw.test_x,
-                     test_y=raw.test_y, classes=np.array(raw.classes))  # fmt: skip
+            np.savez(
+                fh,
+                train_x=raw.train_x,
+                train_y=raw.train_y,
+                test_x=raw.test_x,
+                test_y=raw.test_y,
+                classes=np.array(raw.classes),
+            )
 
     with contextlib.suppress(OSError):  # a read-only cache only costs speed
         atomic_write(cache_file, _save)

@@ -15,6 +15,7 @@ from chaincomp.models.base import ClassifierHead, StagedNet
 from chaincomp.models.resnet import BasicBlock, ResNet
 from chaincomp.models.small_cnn import SmallCNN
 from chaincomp.models.vgg import VGG, VGG_STAGES
+from chaincomp.utils import config_dir
 
 __all__ = [
     "VGG",
@@ -30,6 +31,22 @@ __all__ = [
 
 # keys of a model config that describe it but are not constructor arguments
 META_KEYS = ("name", "_target_")
+
+
+def model_names() -> list[str]:
+    """The model configs of ``conf/model/`` (what a config may name as a model)."""
+    return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
+def model_config(name: str, key: str = "model") -> dict[str, Any]:
+    """``conf/model/<name>.yaml`` as a dict; an unknown name is a :class:`ConfigError` naming
+    ``key`` and the available models."""
+    from omegaconf import OmegaConf
+
+    path = config_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(key, f"unknown model {name!r}", model_names())
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
 def build_model(

@@ -36,7 +36,7 @@ from optuna.trial import TrialState
 
 from chaincomp.chain import chain_spec, run_chain
 from chaincomp.errors import ChaincompError, ConfigError
-from chaincomp.pipeline import _section, tracking_config
+from chaincomp.pipeline import config_section, tracking_config
 from chaincomp.search.space import SearchSpace, build_space
 from chaincomp.tracking import NullTracker, Run, Tracker, make_tracker
 from chaincomp.utils import atomic_write, markdown_table, pyplot, write_csv, write_json
@@ -106,7 +106,7 @@ class SearchConfig:
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> SearchConfig:
-        values = _section(cfg, "search")
+        values = config_section(cfg, "search")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -136,8 +136,11 @@ def make_storage(scfg: SearchConfig, tracker: Tracker | NullTracker) -> optuna.s
 
         params = inspect.signature(optuna.storages.RDBStorage).parameters
         # optuna >= 4.9 renamed failed_trial_callback to heartbeat_stale_trial_callback
-        key = ("heartbeat_stale_trial_callback" if "heartbeat_stale_trial_callback" in params
-               else "failed_trial_callback")  # fmt: skip
+        key = (
+            "heartbeat_stale_trial_callback"
+            if "heartbeat_stale_trial_callback" in params
+            else "failed_trial_callback"
+        )
         return optuna.storages.RDBStorage(
             scfg.storage,
             heartbeat_interval=scfg.heartbeat_interval,
@@ -192,8 +195,9 @@ def close_runs(tracker: Tracker | NullTracker, run_id: str | None, status: str =
     todo = [run_id]
     while todo:
         rid = todo.pop()
-        children = client.search_runs([tracker.experiment_id],
-                                      filter_string=f"tags.mlflow.parentRunId = '{rid}'")  # fmt: skip
+        children = client.search_runs(
+            [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rid}'"
+        )
         todo.extend(r.info.run_id for r in children)
         if client.get_run(rid).info.status == "RUNNING":
             client.set_tag(rid, "error", "worker died during the trial")
@@ -240,8 +244,15 @@ def counted(study: optuna.Study) -> int:
 class Objective:
     """One trial = one chain: suggest order and settings, run_chain, score on validation."""
 
-    def __init__(self, cfg: DictConfig, scfg: SearchConfig, space: SearchSpace, out: Path,
-                 tracker: Tracker | NullTracker, parent: Run | None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: DictConfig,
+        scfg: SearchConfig,
+        space: SearchSpace,
+        out: Path,
+        tracker: Tracker | NullTracker,
+        parent: Run | None,
+    ):
         self.cfg, self.scfg, self.space, self.out = cfg, scfg, space, out
         self.tracker, self.parent = tracker, parent
 
@@ -348,11 +359,20 @@ def front_rows(study: optuna.Study, scfg: SearchConfig) -> list[dict[str, Any]]:
     rows = []
     for t in front:
         a = t.user_attrs
-        rows.append({"trial": t.number, "order": a.get("letters"), "val_metric": a.get("val_metric"),
-                     "val_bitops": a.get("val_bitops"), "val_bitops_ratio": a.get("val_bitops_ratio"),
-                     "test_metric": a.get("test_metric"), "bitops_ratio": a.get("bitops_ratio"),
-                     "metric_delta": a.get("metric_delta"), "mlflow_run_id": a.get("mlflow_run_id"),
-                     **{k: v for k, v in t.params.items() if k != "order"}})  # fmt: skip
+        rows.append(
+            {
+                "trial": t.number,
+                "order": a.get("letters"),
+                "val_metric": a.get("val_metric"),
+                "val_bitops": a.get("val_bitops"),
+                "val_bitops_ratio": a.get("val_bitops_ratio"),
+                "test_metric": a.get("test_metric"),
+                "bitops_ratio": a.get("bitops_ratio"),
+                "metric_delta": a.get("metric_delta"),
+                "mlflow_run_id": a.get("mlflow_run_id"),
+                **{k: v for k, v in t.params.items() if k != "order"},
+            }
+        )
     rows.sort(key=lambda r: r["val_bitops"])
     return rows
 
@@ -362,8 +382,16 @@ def write_front(
 ) -> list[dict[str, Any]]:
     """front.csv / front.md / front.png in ``out`` (atomically), logged on the parent run."""
     rows = front_rows(study, scfg)
-    lead = ["trial", "order", "val_metric", "val_bitops_ratio", "test_metric", "bitops_ratio",
-            "metric_delta", "val_bitops"]  # fmt: skip
+    lead = [
+        "trial",
+        "order",
+        "val_metric",
+        "val_bitops_ratio",
+        "test_metric",
+        "bitops_ratio",
+        "metric_delta",
+        "val_bitops",
+    ]
     rest = sorted({k for r in rows for k in r} - {*lead, "mlflow_run_id"})
     keys = [*lead, *rest, "mlflow_run_id"]
 
@@ -388,17 +416,32 @@ def _plot(study: optuna.Study, rows: list[dict[str, Any]], path: str | Path) -> 
     plt = pyplot()
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    ax.scatter([t.user_attrs["val_bitops"] for t in done], [t.user_attrs["val_metric"] for t in done],
-               c="lightgray", label="trials")  # fmt: skip
+    ax.scatter(
+        [t.user_attrs["val_bitops"] for t in done],
+        [t.user_attrs["val_metric"] for t in done],
+        c="lightgray",
+        label="trials",
+    )
     if rows:
-        ax.plot([r["val_bitops"] for r in rows], [r["val_metric"] for r in rows], "o-", c="C3",
-                label="Pareto front")  # fmt: skip
+        ax.plot(
+            [r["val_bitops"] for r in rows],
+            [r["val_metric"] for r in rows],
+            "o-",
+            c="C3",
+            label="Pareto front",
+        )
         for r in rows:
             ax.annotate(str(r["order"]), (r["val_bitops"], r["val_metric"]), fontsize=7)
     if done:
         a = done[0].user_attrs
-        ax.scatter([a["baseline_val_bitops"]], [a["baseline_val_metric"]], marker="*", s=150, c="k",
-                   label="baseline")  # fmt: skip
+        ax.scatter(
+            [a["baseline_val_bitops"]],
+            [a["baseline_val_metric"]],
+            marker="*",
+            s=150,
+            c="k",
+            label="baseline",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("expected BitOps per sample (validation)")
     ax.set_ylabel("validation metric")
@@ -409,14 +452,19 @@ def _plot(study: optuna.Study, rows: list[dict[str, Any]], path: str | Path) -> 
     plt.close(fig)
 
 
-def _progress(study: optuna.Study, scfg: SearchConfig, trial: optuna.trial.FrozenTrial,
-              rows: list[dict[str, Any]]) -> None:  # fmt: skip
-    from chaincomp.cli import console
+def _progress(
+    study: optuna.Study,
+    scfg: SearchConfig,
+    trial: optuna.trial.FrozenTrial,
+    rows: list[dict[str, Any]],
+) -> None:
+    from chaincomp.utils import console
 
     a = trial.user_attrs
     if trial.state == TrialState.COMPLETE:
-        what = (f"{a['letters']}: val {a['val_metric']:.2f}, {a['val_bitops_ratio']:.1f}x fewer "
-                f"BitOps")  # fmt: skip
+        what = (
+            f"{a['letters']}: val {a['val_metric']:.2f}, {a['val_bitops_ratio']:.1f}x fewer BitOps"
+        )
     else:
         what = f"{trial.state.name}: {a.get('fail_reason', '')}"
     best = ", ".join(
@@ -427,8 +475,9 @@ def _progress(study: optuna.Study, scfg: SearchConfig, trial: optuna.trial.Froze
     )
 
 
-def work(cfg: DictConfig, scfg: SearchConfig, out: Path, parent_run_id: str | None,
-         worker: int = 0) -> None:  # fmt: skip
+def work(
+    cfg: DictConfig, scfg: SearchConfig, out: Path, parent_run_id: str | None, worker: int = 0
+) -> None:
     """One worker: run trials until ``n_trials`` are counted or the timeout passes."""
     tracker = make_tracker(tracking_config(cfg))
     parent = Run(getattr(tracker, "client", None), parent_run_id) if parent_run_id else None
@@ -437,8 +486,9 @@ def work(cfg: DictConfig, scfg: SearchConfig, out: Path, parent_run_id: str | No
     handler = StaleHandler(tracker, scfg.retry_stale)
     probe = optuna.load_study(study_name=scfg.name, storage=storage)
     seed = scfg.seed + 7919 * worker + 104729 * len(probe.trials)
-    study = optuna.load_study(study_name=scfg.name, storage=storage,
-                              sampler=make_sampler(scfg, space, seed))  # fmt: skip
+    study = optuna.load_study(
+        study_name=scfg.name, storage=storage, sampler=make_sampler(scfg, space, seed)
+    )
     objective = Objective(cfg, scfg, space, out, tracker, parent)
     limit = min(scfg.n_trials, len(space.orders)) if scfg.sampler == "grid" else scfg.n_trials
     deadline = time.time() + scfg.timeout if scfg.timeout else None
@@ -451,17 +501,24 @@ def work(cfg: DictConfig, scfg: SearchConfig, out: Path, parent_run_id: str | No
         reap_stale(study, handler)
         if counted(study) >= limit or (deadline and time.time() > deadline):
             break
-        study.optimize(objective, n_trials=1, catch=(Exception,), callbacks=[after],
-                       gc_after_trial=True)  # fmt: skip
+        study.optimize(
+            objective, n_trials=1, catch=(Exception,), callbacks=[after], gc_after_trial=True
+        )
 
 
 def space_of(cfg: DictConfig, scfg: SearchConfig) -> SearchSpace:
-    catalogue = _section(cfg, "chain").get("steps") or {}
+    catalogue = config_section(cfg, "chain").get("steps") or {}
     return build_space(catalogue, scfg.stages, scfg.orders, scfg.subsets, scfg.min_stages)
 
 
-def _worker_entry(cfg_yaml: str, scfg: SearchConfig, out: str, parent_run_id: str | None,
-                  worker: int, threads: int) -> None:  # fmt: skip
+def _worker_entry(
+    cfg_yaml: str,
+    scfg: SearchConfig,
+    out: str,
+    parent_run_id: str | None,
+    worker: int,
+    threads: int,
+) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -481,16 +538,25 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     from chaincomp.pipeline import build_data
 
     higher = build_data(cfg).task.higher_is_better
-    study = optuna.create_study(study_name=scfg.name, storage=storage, load_if_exists=True,
-                                directions=directions(higher, scfg.objective))  # fmt: skip
-    fixed = {"orders": list(space.orders), "objective": scfg.objective,
-             "params": space.param_names()}  # fmt: skip
+    study = optuna.create_study(
+        study_name=scfg.name,
+        storage=storage,
+        load_if_exists=True,
+        directions=directions(higher, scfg.objective),
+    )
+    fixed = {
+        "orders": list(space.orders),
+        "objective": scfg.objective,
+        "params": space.param_names(),
+    }
     for key, value in fixed.items():
         old = study.user_attrs.get(key)
         if old is not None and old != value:
-            raise ConfigError(f"search.{'orders' if key == 'params' else key}",
-                              f"study {scfg.name!r} was created with {key}={old}, now {value}",
-                              "the study's own settings, or a new search.name")  # fmt: skip
+            raise ConfigError(
+                f"search.{'orders' if key == 'params' else key}",
+                f"study {scfg.name!r} was created with {key}={old}, now {value}",
+                "the study's own settings, or a new search.name",
+            )
         study.set_user_attr(key, value)
     parent_id = _parent_run(tracker, study, scfg, cfg)
     parent = Run(getattr(tracker, "client", None), parent_id) if parent_id else None
@@ -502,8 +568,12 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             ctx = mp.get_context("spawn")
             threads = max(1, (os.cpu_count() or 1) // scfg.n_workers)
             yaml = OmegaConf.to_yaml(cfg, resolve=True)
-            procs = [ctx.Process(target=_worker_entry, args=(yaml, scfg, str(out), parent_id, i, threads))
-                     for i in range(scfg.n_workers)]  # fmt: skip
+            procs = [
+                ctx.Process(
+                    target=_worker_entry, args=(yaml, scfg, str(out), parent_id, i, threads)
+                )
+                for i in range(scfg.n_workers)
+            ]
             for p in procs:
                 p.start()
             for p in procs:
@@ -525,8 +595,9 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     return summarize(study, scfg, out, parent_id)
 
 
-def _parent_run(tracker: Tracker | NullTracker, study: optuna.Study, scfg: SearchConfig,
-                cfg: DictConfig) -> str | None:  # fmt: skip
+def _parent_run(
+    tracker: Tracker | NullTracker, study: optuna.Study, scfg: SearchConfig, cfg: DictConfig
+) -> str | None:
     """The sweep's MLflow run: the one recorded on the study (resume) or a new one."""
     if not isinstance(tracker, Tracker):
         return None
@@ -539,9 +610,15 @@ def _parent_run(tracker: Tracker | NullTracker, study: optuna.Study, scfg: Searc
             return str(old)
         except Exception:  # deleted run: start a new one
             pass
-    info = client.create_run(tracker.experiment_id, run_name=f"sweep {scfg.name}",
-                             tags={"chaincomp.command": "sweep", "optuna.study": scfg.name,
-                                   "optuna.storage": scfg.storage if not scfg.is_database else scfg.storage.split("@")[-1]})  # fmt: skip
+    info = client.create_run(
+        tracker.experiment_id,
+        run_name=f"sweep {scfg.name}",
+        tags={
+            "chaincomp.command": "sweep",
+            "optuna.study": scfg.name,
+            "optuna.storage": scfg.storage if not scfg.is_database else scfg.storage.split("@")[-1],
+        },
+    )
     run = Run(client, info.info.run_id)
     run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
     study.set_user_attr(f"mlflow_parent_run_id@{tracker.cfg.uri}", info.info.run_id)

@@ -1,24 +1,41 @@
-"""The stage contract: a Lightning ``Callback`` that also transforms the model.
+"""The stage contract (v2): typed settings, typed versioned records, declared interactions.
 
-A stage is one compression technique (distill, prune, quantize, early exit). The chain runner
-calls, for every step of a chain::
+A stage is one compression technique (distill, prune, quantize, early exit, ...): one ``.py``
+with a :class:`Stage` subclass and one ``conf/stage/<name>.yaml`` whose ``_target_`` names it.
+The chain runner calls, for every step::
 
-    record = stage.run(module, ctx)   # = apply -> fine-tune (Trainer.fit with the stage as a
-                                      #   callback) -> finalize, unless the stage overrides it
+    record = stage.run(module, ctx)   # apply -> for each phase: fit (Trainer.fit with the stage
+                                      #   as a Lightning callback) -> finalize
     stage.summary()                   # floats for MLflow
 
-and :meth:`Stage.replay` rebuilds the same *structure* from the record alone (no training), so a
-chain's weights can be loaded back into it with ``weights_only=True``.
+No stage overrides :meth:`Stage.run`: a stage shapes its training with :meth:`Stage.phases`
+(e.g. prune / fine-tune rounds) and does its training-time work in Lightning hooks (KD loss,
+frozen backbone).
+
+**Records** are dataclasses (:class:`StageRecord`) with a ``VERSION`` and a JSON round-trip
+(:meth:`StageRecord.to_json` / :func:`record_from_json`); :meth:`Stage.replay` rebuilds from a
+record alone the structure :meth:`Stage.apply` produced, so saved weights load strictly.
+
+**Interactions** are declared by the stage whose earlier record is affected, never written into
+the later stage. The runner (through :class:`StageContext`) calls, on every record in force:
+
+- :meth:`Stage.on_replace` when a later step replaced the net (a distillation student): re-apply
+  what transfers and return the re-applied record, or None to drop it. Records are visited in
+  ascending ``replace_order`` (structure before wrappers: exit heads before quantizers).
+- :meth:`Stage.on_extend` when a later step added modules (exit heads, factor layers).
+- :meth:`Stage.after_step` after every later step: re-tune (an exit threshold) and optionally
+  return an *amendment* record, appended after that step's record and replayed in order.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar, get_type_hints
+from typing import Any, ClassVar, Generic, TypeVar, get_type_hints
 
 import pytorch_lightning as pl
 from torch import nn
@@ -82,76 +99,207 @@ class StageSettings:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
+class RecordError(ValueError):
+    """A record that cannot be read: unknown stage, other version, unknown or missing keys."""
+
+
+@dataclass
+class StageRecord:
+    """What one step did (typed; one subclass per stage, bound to it as ``Stage.Record``).
+
+    Contract: every field is JSON-serialisable (numbers, strings, lists, dicts);
+    ``record_from_json(r.to_json()) == r``; ``VERSION`` is bumped when the fields change, and a
+    record of another version is refused (:class:`RecordError`), never guessed at.
+    """
+
+    VERSION: ClassVar[int] = 1
+    stage: ClassVar[str] = ""  # set when the stage class is defined
+
+    train_time_s: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "version": self.VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StageRecord:
+        if data.get("version") != cls.VERSION:
+            raise RecordError(
+                f"{cls.stage} record version {data.get('version')!r}; this code reads {cls.VERSION}"
+            )
+        values = {k: v for k, v in data.items() if k not in ("stage", "version")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise RecordError(f"{cls.stage} record: unknown keys {unknown}")
+        try:
+            return cls(**values)
+        except TypeError as exc:
+            raise RecordError(f"{cls.stage} record: {exc}") from None
+
+    def net_config(self) -> dict[str, Any] | None:
+        """The architecture config of the net after this step, when the step replaced the net
+        (None: the architecture config is unchanged)."""
+        return None
+
+    def moved_records(self) -> list[StageRecord] | None:
+        """For a step that replaced the net: the earlier records re-applied to the new net (the
+        only ones still in force before it). None for a step that did not replace the net."""
+        return None
+
+
+def record_from_json(data: Mapping[str, Any]) -> StageRecord:
+    """The typed record of a JSON record (its ``stage`` names the stage)."""
+    if "stage" not in data:
+        raise RecordError("record without a 'stage'")
+    return stage_class(str(data["stage"]), "record.stage").Record.from_json(data)
+
+
+@dataclass
+class Phase:
+    """One ``Trainer.fit`` of a step: ``epochs`` epochs, after ``before()`` (if any) ran."""
+
+    epochs: int
+    before: Callable[[], None] | None = None
+
+
 @dataclass
 class StageContext:
     """What a stage may use besides the module: the data, a way to fine-tune, and the chain so far.
 
     ``fit(module, epochs, callbacks, lr)`` runs one ``Trainer.fit`` and returns its wall time.
-    ``records`` holds the records of the steps already applied (oldest first), so a stage can see
-    e.g. which quantization is active. ``model_cfg`` is the architecture config of the current
-    network (a distill step replaces it).
+    ``records`` holds the typed records of the steps already applied (oldest first, amendments
+    included). ``model_cfg`` is the architecture config of the current network.
+    A stage that changes the net in a way earlier techniques must follow reports it with
+    :meth:`replaced` or :meth:`extended`; the earlier records' stages decide what happens.
     """
 
     dm: ChainDataModule
     fit: Callable[..., float]
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[StageRecord] = field(default_factory=list)
     model_cfg: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    deferred: list[Callable[[], None]] = field(default_factory=list)
 
-    def latest(self, stage_name: str) -> dict[str, Any] | None:
-        """The record of the most recent step of ``stage_name`` that is still in force."""
+    def in_force(self) -> list[StageRecord]:
+        """The latest record of each technique still applied to the net, in chain order.
+
+        A record that replaced the net (distillation) ends every earlier record except the ones
+        it transferred (which stand at its place)."""
+        found: dict[str, StageRecord] = {}
         for rec in reversed(self.records):
-            if rec["stage"] == stage_name:
-                return rec
-            if rec["stage"] == "distill" and stage_name not in rec.get("transferred", []):
-                return None
-        return None
+            moved = rec.moved_records()
+            if moved is not None:
+                for t in reversed(moved):
+                    found.setdefault(t.stage, t)
+                found.setdefault(rec.stage, rec)
+                break
+            found.setdefault(rec.stage, rec)
+        return list(reversed(list(found.values())))
+
+    def latest(self, stage_name: str) -> StageRecord | None:
+        """The record of ``stage_name`` in force, or None."""
+        return next((r for r in self.in_force() if r.stage == stage_name), None)
+
+    def replaced(self, module: CompressibleModule, old_net: nn.Module) -> list[StageRecord]:
+        """``module.net`` was replaced (``old_net`` is the previous one): every record in force
+        re-applies what transfers (ascending ``replace_order``); returns the re-applied records.
+        Work a transfer defers until the new net is trained a little (calibration) is queued
+        in ``deferred``."""
+        records = sorted(self.in_force(), key=lambda r: stage_class(r.stage).replace_order)
+        moved = []
+        for rec in records:
+            new = stage_class(rec.stage).on_replace(rec, module, self, old_net)
+            if new is not None:
+                moved.append(new)
+        return moved
+
+    def extended(self, module: CompressibleModule, names: Sequence[str]) -> None:
+        """Modules ``names`` were added to ``module.net``: records in force take them in."""
+        for rec in self.in_force():
+            stage_class(rec.stage).on_extend(rec, module, self, list(names))
+
+    def take_deferred(self) -> list[Callable[[], None]]:
+        out, self.deferred = self.deferred, []
+        return out
 
 
-class Stage(pl.Callback, ABC):
+S = TypeVar("S", bound=StageSettings)
+R = TypeVar("R", bound=StageRecord)
+
+# name / letter -> stage class; filled as stage classes are defined (see Stage.__init_subclass__)
+REGISTRY: dict[str, type[Stage[Any, Any]]] = {}
+LETTER_OF: dict[str, str] = {}
+
+
+class Stage(pl.Callback, ABC, Generic[S, R]):
     """One compression technique.
 
     Contract (checked for every ``conf/stage/*.yaml`` by ``tests/test_stage_contract.py``):
     - ``Settings`` is a :class:`StageSettings` subclass; bad values fail at construction.
-    - ``apply(module, ctx)`` changes ``module.net`` in place or replaces it and returns a
-      JSON-serialisable record of what it did (always including ``"stage": name``).
+      ``Record`` is a :class:`StageRecord` subclass.
+    - ``apply(module, ctx)`` changes ``module.net`` in place or replaces it and returns the
+      record of what it did; :meth:`phases` says how to fine-tune after it (default: one fit of
+      ``settings.epochs``); ``finalize(module, ctx, record)`` runs after the fine-tune.
     - While registered as a callback during the fine-tune, the stage may add loss terms or
-      freeze parameters; ``teardown`` removes what it added.
-    - ``finalize(module, ctx, record)`` runs after the fine-tune and may add to the record.
+      freeze parameters; ``finalize`` removes what it added.
     - ``summary()`` returns finite floats describing the step (logged to MLflow).
     - ``replay(module, record, info)`` rebuilds the structure ``apply`` produced (no training,
       no data) so that the saved state dict loads into it strictly.
+    - The interaction hooks (``on_replace``, ``on_extend``, ``after_step``) say what this
+      stage's record does when later steps change the net (module docstring).
     """
 
     name: ClassVar[str]
     letter: ClassVar[str]
     Settings: ClassVar[type[StageSettings]]
+    Record: ClassVar[type[StageRecord]]
+    #: when a later step replaces the net, records are re-applied in ascending order
+    replace_order: ClassVar[int] = 50
 
-    def __init__(self, settings: StageSettings):
+    settings: S
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        concrete = not any(
+            getattr(getattr(cls, m), "__isabstractmethod__", False) for m in ("apply", "replay")
+        )  # (ABCMeta fills __abstractmethods__ only after this hook)
+        if getattr(cls, "name", None) and concrete:
+            cls.Record.stage = cls.name
+            REGISTRY[cls.name] = cls
+            LETTER_OF[cls.letter] = cls.name
+
+    def __init__(self, settings: S):
         if not isinstance(settings, self.Settings):
             raise TypeError(f"{type(self).__name__} needs {self.Settings.__name__}")
         self.settings = settings
         self._summary: dict[str, float] = {}
 
     @classmethod
-    def from_config(cls, values: Mapping[str, Any] | None, prefix: str | None = None) -> Stage:
-        return cls(cls.Settings.from_dict(values, prefix or f"stage.{cls.name}"))
+    def from_config(cls, values: Mapping[str, Any] | None, prefix: str | None = None) -> Stage:  # type: ignore[type-arg]
+        settings: Any = cls.Settings.from_dict(values, prefix or f"stage.{cls.name}")
+        return cls(settings)
 
+    # ------------------------------------------------------------------------------ the step
     @abstractmethod
-    def apply(self, module: CompressibleModule, ctx: StageContext) -> dict[str, Any]: ...
+    def apply(self, module: CompressibleModule, ctx: StageContext) -> R: ...
 
-    def finalize(
-        self, module: CompressibleModule, ctx: StageContext, record: dict[str, Any]
-    ) -> None:
+    def phases(self, module: CompressibleModule, ctx: StageContext, record: R) -> list[Phase]:
+        """The fine-tune after ``apply``: one fit of ``settings.epochs`` unless overridden."""
+        return [Phase(self.settings.epochs)]
+
+    def finalize(self, module: CompressibleModule, ctx: StageContext, record: R) -> None:
         """Make the change permanent after the fine-tune (default: nothing to do)."""
 
-    def run(self, module: CompressibleModule, ctx: StageContext) -> dict[str, Any]:
-        """apply -> fine-tune with this stage as a callback -> finalize; returns the record."""
+    def run(self, module: CompressibleModule, ctx: StageContext) -> R:
+        """apply -> each phase (``before`` then one fit with this stage as a callback) ->
+        finalize; returns the record. Stages do not override this."""
         record = self.apply(module, ctx)
-        record["stage"] = self.name
-        record["train_time_s"] = ctx.fit(
-            module, self.settings.epochs, callbacks=[self], lr=self.settings.lr
-        )
+        for phase in self.phases(module, ctx, record):
+            if phase.before is not None:
+                phase.before()
+            record.train_time_s += ctx.fit(
+                module, phase.epochs, callbacks=[self], lr=self.settings.lr
+            )
         self.finalize(module, ctx, record)
         return record
 
@@ -164,8 +312,31 @@ class Stage(pl.Callback, ABC):
 
     @classmethod
     @abstractmethod
-    def replay(cls, module: CompressibleModule, record: dict[str, Any], info: ReplayInfo) -> None:
+    def replay(cls, module: CompressibleModule, record: R, info: ReplayInfo) -> None:
         """Rebuild the structure that ``apply`` produced, from ``record`` only."""
+
+    # ------------------------------------------------------------------ interactions (v2)
+    @classmethod
+    def on_replace(
+        cls, record: R, module: CompressibleModule, ctx: StageContext, old_net: nn.Module
+    ) -> StageRecord | None:
+        """A later step replaced the net by ``module.net``: re-apply what transfers and return
+        the record of what was re-applied, or None (the default) to drop this technique."""
+        return None
+
+    @classmethod
+    def on_extend(
+        cls, record: R, module: CompressibleModule, ctx: StageContext, names: list[str]
+    ) -> None:
+        """A later step added the modules ``names`` to the net (default: nothing to do)."""
+
+    @classmethod
+    def after_step(
+        cls, record: R, module: CompressibleModule, ctx: StageContext
+    ) -> StageRecord | None:
+        """A later step finished: re-tune what depends on the net; return an amendment record
+        (replayed right after that step) or None (the default)."""
+        return None
 
 
 @dataclass
@@ -176,3 +347,41 @@ class ReplayInfo:
     num_outputs: int
     image_size: tuple[int, int]
     build: Callable[[dict[str, Any]], nn.Module]
+
+
+def _discover() -> None:
+    """Import the stage class named by every ``conf/stage/*.yaml`` ``_target_``."""
+    from omegaconf import DictConfig, OmegaConf
+
+    from chaincomp.utils import config_dir
+
+    for path in sorted((config_dir() / "stage").glob("*.yaml")):
+        node = OmegaConf.load(path)
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if target:
+            importlib.import_module(str(target).rpartition(".")[0])
+
+
+def stage_class(name: str, key: str = "stage") -> type[Stage[Any, Any]]:
+    """The stage class for a name (``prune``), a letter (``P``) or a ``_target_`` path."""
+    if "." in name:
+        module, _, attr = name.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError):
+            raise ConfigError(key, f"cannot import {name!r}", "a Stage class path") from None
+        if not (isinstance(cls, type) and issubclass(cls, Stage)):
+            raise ConfigError(key, f"{name!r} is not a Stage", "a Stage class path")
+        return cls
+    if LETTER_OF.get(name, name) not in REGISTRY:
+        _discover()
+    name = LETTER_OF.get(name, name)
+    if name not in REGISTRY:
+        raise ConfigError(key, f"unknown stage {name!r}", [*REGISTRY, *LETTER_OF])
+    return REGISTRY[name]
+
+
+def stages() -> dict[str, type[Stage[Any, Any]]]:
+    """Every stage class: the built-in ones and those named by ``conf/stage/*.yaml``."""
+    _discover()
+    return dict(REGISTRY)

@@ -11,7 +11,8 @@ epochs after each step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ from torch import Tensor, nn
 from chaincomp.cost import count_cost
 from chaincomp.errors import ConfigError
 from chaincomp.module import CompressibleModule
-from chaincomp.stages.base import ReplayInfo, Stage, StageContext, StageSettings
+from chaincomp.stages.base import Phase, ReplayInfo, Stage, StageContext, StageRecord, StageSettings
 
 IMPORTANCES = ("l1", "l2", "taylor")
 SCOPES = ("uniform", "global")
@@ -59,13 +60,19 @@ class PruneSettings(StageSettings):
         self.check(self.importance in IMPORTANCES, "importance", self.importance, IMPORTANCES)
         self.check(self.scope in SCOPES, "scope", self.scope, SCOPES)
         self.check(0 < self.ratio < 1, "ratio", self.ratio, "0 < ratio < 1")
-        self.check(self.macs_target is None or 0 < self.macs_target < 1, "macs_target",
-                   self.macs_target, "null or 0 < value < 1")  # fmt: skip
+        self.check(
+            self.macs_target is None or 0 < self.macs_target < 1,
+            "macs_target",
+            self.macs_target,
+            "null or 0 < value < 1",
+        )
         self.check(isinstance(self.steps, int) and self.steps >= 1, "steps", self.steps, ">= 1")
-        self.check(0 < self.max_layer_ratio < 1, "max_layer_ratio", self.max_layer_ratio,
-                   "0 < value < 1")  # fmt: skip
-        self.check(self.round_to is None or self.round_to >= 1, "round_to", self.round_to,
-                   "null or >= 1")  # fmt: skip
+        self.check(
+            0 < self.max_layer_ratio < 1, "max_layer_ratio", self.max_layer_ratio, "0 < value < 1"
+        )
+        self.check(
+            self.round_to is None or self.round_to >= 1, "round_to", self.round_to, "null or >= 1"
+        )
         self.check(self.taylor_batches >= 1, "taylor_batches", self.taylor_batches, ">= 1")
 
 
@@ -74,8 +81,9 @@ def _forward_fn(model: nn.Module, x: Tensor) -> Any:
     return forward_all(x) if forward_all is not None else model(x)
 
 
-def make_pruner(net: nn.Module, example: Tensor, s: PruneSettings, ratio: float,
-                iterative_steps: int) -> tp.pruner.MetaPruner:  # fmt: skip
+def make_pruner(
+    net: nn.Module, example: Tensor, s: PruneSettings, ratio: float, iterative_steps: int
+) -> tp.pruner.MetaPruner:
     ignored = [m for m in net.modules() if isinstance(m, nn.Linear)]
     return tp.pruner.MetaPruner(
         net,
@@ -137,9 +145,17 @@ def resize_to(net: nn.Module, shapes: dict[str, list[int]]) -> None:
 
 
 def _taylor_grads(module: CompressibleModule, dm: Any, batches: int) -> None:
+    """Gradients of the training loss on ``batches`` batches (what Taylor importance ranks by).
+    The forward runs in train mode (every exit head, as in training); the batch-norm running
+    statistics it would move are put back, so ranking changes nothing but ``.grad``."""
     module.zero_grad()
     device = next(module.parameters()).device
     was = module.training
+    stats = {
+        k: v.clone()
+        for k, v in module.net.state_dict().items()
+        if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+    }
     module.train()
     for i, (x, target) in enumerate(dm.loader("train", device, train=False)):
         if i >= batches:
@@ -150,34 +166,63 @@ def _taylor_grads(module: CompressibleModule, dm: Any, batches: int) -> None:
         extra = aux(module.task, target) if aux is not None else None
         (loss if extra is None else loss + extra).backward()
     module.train(was)
+    module.net.load_state_dict(stats, strict=False)
 
 
-class Prune(Stage):
-    """Dependency-aware structured pruning (Torch-Pruning) with fine-tuning after each step."""
+@dataclass
+class PruneRecord(StageRecord):
+    """``shapes``: the weight shape of every conv / linear / batch norm after pruning (what
+    replay resizes to); ``channels`` and ``macs``: before and after."""
+
+    VERSION = 1
+
+    settings: dict[str, Any] = field(default_factory=dict)
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    channels: list[int] = field(default_factory=list)
+    macs: list[float] = field(default_factory=list)
+
+
+class Prune(Stage[PruneSettings, PruneRecord]):
+    """Dependency-aware structured pruning (Torch-Pruning) with fine-tuning after each step.
+
+    ``steps`` rounds of prune -> fine-tune (:meth:`phases`); a later distillation drops the
+    pruning (the student has its own channels; the default of :meth:`Stage.on_replace`)."""
 
     name = "prune"
     letter = "P"
     Settings = PruneSettings
+    Record = PruneRecord
 
-    def apply(self, module: CompressibleModule, ctx: StageContext) -> dict[str, Any]:
-        return {}  # run() interleaves pruning steps and fine-tuning
+    def apply(self, module: CompressibleModule, ctx: StageContext) -> PruneRecord:
+        device = next(module.parameters()).device
+        before = count_cost(module.net, ctx.dm.example_input(1).to(device))
+        self._macs0 = before.macs
+        channels0 = channel_count(module.net)
+        return PruneRecord(
+            settings=self.settings.as_dict(), channels=[channels0], macs=[before.macs]
+        )
+
+    def phases(
+        self, module: CompressibleModule, ctx: StageContext, record: PruneRecord
+    ) -> list[Phase]:
+        def step(k: int) -> Callable[[], None]:
+            return lambda: self.prune_once(module, ctx, k)
+
+        return [Phase(self.settings.epochs, step(k)) for k in range(1, self.settings.steps + 1)]
 
     def prune_once(self, module: CompressibleModule, ctx: StageContext, step: int) -> None:
         s = self.settings
-        assert isinstance(s, PruneSettings)
         device = next(module.parameters()).device
         example = ctx.dm.example_input(2).to(device)
         net = module.net
         if s.macs_target is None:
-            # pruner over the original net would apply ratio*step/steps; a fresh pruner on the
-            # current net removes the same share of what is left
-            keep_before = 1 - s.ratio * (step - 1) / s.steps
-            keep_after = 1 - s.ratio * step / s.steps
-            ratio = 1 - keep_after / keep_before
-            pruner = make_pruner(net, example, s, ratio, 1)
+            # one pruner over the net as it was before step 1, ``steps`` steps of it: each step
+            # removes its share of the *original* channels (rounding does not compound)
+            if step == 1:
+                self._pruner = make_pruner(net, example, s, s.ratio, s.steps)
             if s.importance == "taylor":
                 _taylor_grads(module, ctx.dm, s.taylor_batches)
-            pruner.step()
+            self._pruner.step()
         else:
             goal = self._macs0 * (1 - s.macs_target * step / s.steps)
             pruner = make_pruner(net, example, s, s.max_layer_ratio, 40)
@@ -189,37 +234,23 @@ class Prune(Stage):
                 pruner.step()
         module.zero_grad(set_to_none=True)
 
-    def run(self, module: CompressibleModule, ctx: StageContext) -> dict[str, Any]:
-        s = self.settings
-        assert isinstance(s, PruneSettings)
+    def finalize(self, module: CompressibleModule, ctx: StageContext, record: PruneRecord) -> None:
         device = next(module.parameters()).device
-        example = ctx.dm.example_input(1).to(device)
-        before = count_cost(module.net, example)
-        self._macs0 = before.macs
-        channels0 = channel_count(module.net)
-        train_time = 0.0
-        for step in range(1, s.steps + 1):
-            self.prune_once(module, ctx, step)
-            train_time += ctx.fit(module, s.epochs, callbacks=[self], lr=s.lr)
-        after = count_cost(module.net, example)
+        after = count_cost(module.net, ctx.dm.example_input(1).to(device))
         channels1 = channel_count(module.net)
+        channels0, macs0 = record.channels[0], record.macs[0]
+        record.channels.append(channels1)
+        record.macs.append(after.macs)
+        record.shapes = shapes_of(module.net)
         self._summary = {
             "channels_before": channels0,
             "channels_after": channels1,
             "channels_removed_frac": 1 - channels1 / max(1, channels0),
-            "macs_before": before.macs,
+            "macs_before": macs0,
             "macs_after": after.macs,
-            "macs_reduction": 1 - after.macs / max(1, before.macs),
-        }
-        return {
-            "stage": self.name,
-            "settings": s.as_dict(),
-            "shapes": shapes_of(module.net),
-            "channels": [channels0, channels1],
-            "macs": [before.macs, after.macs],
-            "train_time_s": train_time,
+            "macs_reduction": 1 - after.macs / max(1, macs0),
         }
 
     @classmethod
-    def replay(cls, module: CompressibleModule, record: dict[str, Any], info: ReplayInfo) -> None:
-        resize_to(module.net, record["shapes"])
+    def replay(cls, module: CompressibleModule, record: PruneRecord, info: ReplayInfo) -> None:
+        resize_to(module.net, record.shapes)

@@ -1,242 +1,58 @@
 """Q: quantization-aware training with fake quantization and a straight-through estimator.
 
-Every ``nn.Conv2d`` / ``nn.Linear`` of the net is swapped for :class:`QuantConv2d` /
-:class:`QuantLinear` (subclasses, so Torch-Pruning and the cost counter still see convs and
-linears). Each quantizes, in its forward:
+Every ``nn.Conv2d`` / ``nn.Linear`` of the net is swapped for its fake-quantized twin
+(:mod:`chaincomp.layers.quant`: per-channel symmetric weights, per-tensor activations with
+calibrated, optionally learned step sizes). The first layer (the first conv in forward order)
+and the heads (the final linear and any exit head) use ``first_bits`` / ``last_bits``. The stage
+calibrates, then runs QAT (or only calibrates with ``ptq``).
 
-- its **input activation** per tensor: unsigned ``[0, 2^b - 1]`` when calibration saw no negative
-  input (after a ReLU), signed ``[-2^(b-1), 2^(b-1) - 1]`` otherwise (the raw image);
-- its **weight** per output channel, symmetric: ``b >= 2`` on the integers
-  ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` times ``max|w_c| / (2^(b-1) - 1)``; ``b = 1`` as
-  ``sign(w) * mean|w_c|`` (binary).
-
-A wrapped layer computes in float until its activation quantizer is calibrated (observing the
-input ranges on real batches); from then on input and weight are fake-quantized. Rounding uses
-the straight-through estimator (identity gradient inside the clipping range). With
-``learn_scale`` the activation step sizes are learned (LSQ, Esser et al. 2020). The first layer
-(the first conv in forward order) and the heads (the final linear and any exit head) use
-``first_bits`` / ``last_bits``; the counter reads ``weight_bits`` / ``act_bits`` from the
-modules, so what is set is what is counted. The wrappers stay in place for every later step.
+Interactions (declared here, applied by the runner): quantization stays active in every later
+step. Modules a later step adds (exit heads, factor layers) are quantized at once
+(:meth:`Quantize.on_extend`) and recorded in an amendment record after that step
+(:meth:`Quantize.after_step`). When distillation replaces the net, the student is quantized
+with the same settings, uncalibrated; it is calibrated once it has trained in float for a while
+(a deferred action; :meth:`Quantize.on_replace`).
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from chaincomp.layers.quant import (
+    QUANT_LAYERS,
+    ActQuantizer,
+    QuantConv2d,
+    QuantLinear,
+    calibrate,
+    quantize_net,
+    quantize_weight,
+    weight_levels,
+)
 from chaincomp.module import CompressibleModule
-from chaincomp.stages.base import ReplayInfo, Stage, StageContext, StageSettings
+from chaincomp.stages.base import Phase, ReplayInfo, Stage, StageContext, StageRecord, StageSettings
 
 CALIB_MODES = ("max", "percentile")
 
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        return x.round()
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        return grad
-
-
-class _ReplaceSTE(torch.autograd.Function):
-    """Forward ``q`` exactly (not ``w + (q - w)``, which is off by rounding), gradient to ``w``."""
-
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, q: Tensor) -> Tensor:
-        return q
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
-
-def round_ste(x: Tensor) -> Tensor:
-    """round(x) forward (exactly), identity backward."""
-    return _RoundSTE.apply(x)  # type: ignore[no-any-return]
-
-
-def grad_scale(x: Tensor, scale: float) -> Tensor:
-    """x forward, gradient multiplied by ``scale`` backward (LSQ step-size gradient scaling)."""
-    return (x - x * scale).detach() + x * scale
-
-
-def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
-    """``clamp(round(x / step), qmin, qmax) * step`` with a straight-through round."""
-    return round_ste(torch.clamp(x / step, qmin, qmax)) * step
-
-
-def weight_levels(bits: int) -> int:
-    """Largest integer magnitude of a symmetric ``bits``-bit weight grid (1 bit: binary)."""
-    return 1 if bits == 1 else 2 ** (bits - 1) - 1
-
-
-def quantize_weight(w: Tensor, bits: int) -> Tensor:
-    """Per-output-channel symmetric fake quantization of a weight (STE)."""
-    flat = w.reshape(w.shape[0], -1)
-    shape = (-1,) + (1,) * (w.dim() - 1)
-    if bits == 1:
-        alpha = flat.abs().mean(dim=1).reshape(shape)
-        return _ReplaceSTE.apply(w, torch.where(w >= 0, alpha, -alpha).detach())  # type: ignore[no-any-return]
-    q = weight_levels(bits)
-    step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
-    return fake_quant(w, step, -q, q)
-
-
-class ActQuantizer(nn.Module):
-    """Per-tensor activation fake quantizer with a calibrated (optionally learned) step size.
-
-    Buffers: ``signed`` (1.0 when the calibrated input had negative values), ``calibrated``.
-    Until calibrated it only records ``observed_max`` / ``observed_min`` and passes ``x`` through.
-    """
-
-    signed: Tensor
-    calibrated: Tensor
-    observed_max: Tensor
-    observed_min: Tensor
-
-    def __init__(self, bits: int, learn_scale: bool = False):
-        super().__init__()
-        self.bits = bits
-        self.step = nn.Parameter(torch.tensor(1.0), requires_grad=learn_scale)
-        self.register_buffer("signed", torch.tensor(0.0))
-        self.register_buffer("calibrated", torch.tensor(0.0))
-        self.register_buffer("observed_max", torch.tensor(0.0))
-        self.register_buffer("observed_min", torch.tensor(0.0))
-        self.observing = False
-        self.percentile: float | None = None
-        self.is_calibrated = False  # python mirrors of the buffers: no device sync per forward
-        self.is_signed = False
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self.is_calibrated = bool(self.calibrated.item() > 0)
-        self.is_signed = bool(self.signed.item() > 0)
-
-    @property
-    def qrange(self) -> tuple[int, int]:
-        if self.is_signed:
-            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2**self.bits - 1
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.observing:
-            with torch.no_grad():
-                flat = x.detach().float().flatten()
-                if self.percentile is not None and flat.numel() > 1:
-                    sample = flat[:: max(1, flat.numel() // 200_000)]
-                    hi = torch.quantile(sample.abs(), self.percentile / 100.0)
-                else:
-                    hi = flat.abs().max()
-                self.observed_max.copy_(torch.maximum(self.observed_max, hi))
-                self.observed_min.copy_(torch.minimum(self.observed_min, flat.min()))
-            return x
-        if not self.is_calibrated:
-            return x
-        qmin, qmax = self.qrange
-        step: Tensor = self.step
-        if step.requires_grad and self.training:
-            step = grad_scale(step, 1.0 / math.sqrt(x[0].numel() * qmax))
-        return fake_quant(x, step.abs().clamp_min(1e-8), qmin, qmax)
-
-    def reset_calibration(self) -> None:
-        """Forget the calibration (the layer computes in float until calibrated again)."""
-        self.calibrated.fill_(0.0)
-        self.is_calibrated = False
-
-    def finish_calibration(self) -> None:
-        self.is_signed = bool(self.observed_min.item() < -1e-6)
-        self.signed.fill_(1.0 if self.is_signed else 0.0)
-        qmax = self.qrange[1]
-        with torch.no_grad():
-            self.step.fill_(max(self.observed_max.item(), 1e-6) / qmax)
-        self.calibrated.fill_(1.0)
-        self.is_calibrated = True
-        self.observing = False
-
-
-class _QuantMixin:
-    weight: Tensor
-    weight_bits: int
-    act_bits: int
-    act_quant: ActQuantizer
-
-    def _setup_quant(self, weight_bits: int, act_bits: int, learn_scale: bool) -> None:
-        self.weight_bits = weight_bits
-        self.act_bits = act_bits
-        self.act_quant = ActQuantizer(act_bits, learn_scale)
-
-    def quantized_weight(self) -> Tensor:
-        return quantize_weight(self.weight, self.weight_bits)
-
-    def effective_weight(self) -> Tensor:
-        """The quantized weight once calibrated; before that the layer computes in float."""
-        return self.quantized_weight() if self.act_quant.is_calibrated else self.weight
-
-    def extra_repr(self) -> str:  # type: ignore[misc]
-        return f"{super().extra_repr()}, w_bits={self.weight_bits}, a_bits={self.act_bits}"  # type: ignore[misc]
-
-
-class QuantConv2d(_QuantMixin, nn.Conv2d):
-    """``nn.Conv2d`` whose input and weight are fake-quantized (see the module docstring)."""
-
-    def __init__(self, *args: Any, weight_bits: int = 8, act_bits: int = 8,
-                 learn_scale: bool = False, **kwargs: Any):  # fmt: skip
-        super().__init__(*args, **kwargs)
-        self._setup_quant(weight_bits, act_bits, learn_scale)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(self.act_quant(x), self.effective_weight(), self.bias)
-
-    @classmethod
-    def wrap(
-        cls, conv: nn.Conv2d, weight_bits: int, act_bits: int, learn_scale: bool
-    ) -> QuantConv2d:
-        new = cls(
-            conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-            padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
-            bias=conv.bias is not None, padding_mode=conv.padding_mode,
-            weight_bits=weight_bits, act_bits=act_bits, learn_scale=learn_scale,
-        )  # fmt: skip
-        new.to(conv.weight.device)
-        new.load_state_dict(conv.state_dict(), strict=False)
-        return new
-
-
-class QuantLinear(_QuantMixin, nn.Linear):
-    """``nn.Linear`` whose input and weight are fake-quantized (see the module docstring)."""
-
-    def __init__(self, *args: Any, weight_bits: int = 8, act_bits: int = 8,
-                 learn_scale: bool = False, **kwargs: Any):  # fmt: skip
-        super().__init__(*args, **kwargs)
-        self._setup_quant(weight_bits, act_bits, learn_scale)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return nn.functional.linear(self.act_quant(x), self.effective_weight(), self.bias)
-
-    @classmethod
-    def wrap(
-        cls, lin: nn.Linear, weight_bits: int, act_bits: int, learn_scale: bool
-    ) -> QuantLinear:
-        new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                  weight_bits=weight_bits, act_bits=act_bits, learn_scale=learn_scale)  # fmt: skip
-        new.to(lin.weight.device)
-        new.load_state_dict(lin.state_dict(), strict=False)
-        return new
-
-
-QUANT_LAYERS = (QuantConv2d, QuantLinear)
+__all__ = [
+    "QUANT_LAYERS",
+    "ActQuantizer",
+    "QuantConv2d",
+    "QuantLinear",
+    "Quantize",
+    "QuantizeRecord",
+    "QuantizeSettings",
+    "quantize_weight",
+    "weight_levels",
+]
 
 
 @dataclass(frozen=True)
 class QuantizeSettings(StageSettings):
     """``w_bits`` 1..8, ``a_bits`` 2..8 for the inner layers; ``first_bits`` / ``last_bits``
-    (1..8 / 2..8, default 8) for the first conv and the heads; ``learn_scale`` = LSQ step sizes
+    (2..8, default 8) for the first conv and the heads; ``learn_scale`` = LSQ step sizes
     for activations; ``calibration`` max | percentile (``percentile`` value) over
     ``calib_batches`` training batches; ``ptq`` = calibrate only (``epochs`` is then ignored)."""
 
@@ -254,21 +70,19 @@ class QuantizeSettings(StageSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for key in ("w_bits", "first_bits"):
-            value = getattr(self, key)
-            self.check(isinstance(value, int) and 1 <= value <= 8, key, value, "an integer 1..8")
-        for key in ("a_bits", "last_bits"):
+        self.check(
+            isinstance(self.w_bits, int) and 1 <= self.w_bits <= 8,
+            "w_bits",
+            self.w_bits,
+            "an integer 1..8",
+        )
+        # first_bits also sets the first conv's (signed) input bits: 1 would leave no positive level
+        for key in ("a_bits", "first_bits", "last_bits"):
             value = getattr(self, key)
             self.check(isinstance(value, int) and 2 <= value <= 8, key, value, "an integer 2..8")
         self.check(self.calibration in CALIB_MODES, "calibration", self.calibration, CALIB_MODES)
         self.check(90 < self.percentile <= 100, "percentile", self.percentile, "(90, 100]")
         self.check(self.calib_batches >= 1, "calib_batches", self.calib_batches, ">= 1")
-
-
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, attr, new)
 
 
 def layer_plan(net: nn.Module, example: Tensor, s: QuantizeSettings) -> dict[str, list[int]]:
@@ -291,64 +105,18 @@ def layer_plan(net: nn.Module, example: Tensor, s: QuantizeSettings) -> dict[str
     return plan
 
 
-def quantize_net(net: nn.Module, plan: dict[str, list[int]], learn_scale: bool) -> int:
-    """Swap the planned layers for their quantized twins (in place); returns how many."""
-    count = 0
-    for name, (w_bits, a_bits) in plan.items():
-        m = net.get_submodule(name)
-        if isinstance(m, QUANT_LAYERS):  # Q after Q: the new widths replace the old ones
-            if m.act_bits != a_bits:  # a step size calibrated for other bits is meaningless
-                m.act_quant.reset_calibration()
-            m.weight_bits, m.act_bits = w_bits, a_bits
-            m.act_quant.bits = a_bits
-            m.act_quant.step.requires_grad_(learn_scale)
-            continue
-        if isinstance(m, nn.Conv2d):
-            _set_module(net, name, QuantConv2d.wrap(m, w_bits, a_bits, learn_scale))
-        elif isinstance(m, nn.Linear):
-            _set_module(net, name, QuantLinear.wrap(m, w_bits, a_bits, learn_scale))
-        count += 1
-    return count
-
-
-@torch.no_grad()
-def calibrate(module: CompressibleModule, batches: Any, n_batches: int,
-              percentile: float | None) -> None:  # fmt: skip
-    """Observe input ranges of every uncalibrated quantizer on ``n_batches`` batches, then fix
-    their step sizes. Runs every path (``forward_all`` when the net has exits)."""
-    quants = [m for m in module.net.modules() if isinstance(m, ActQuantizer)]
-    todo = [q for q in quants if not q.is_calibrated]
-    if not todo:
-        return
-    for q in todo:
-        q.observing, q.percentile = True, percentile
-        q.observed_max.zero_()
-        q.observed_min.zero_()
-    was = module.training
-    module.eval()
-    forward = getattr(module.net, "forward_all", module.net)
-    try:
-        for i, (x, _) in enumerate(batches):
-            if i >= n_batches:
-                break
-            forward(x)
-    finally:
-        module.train(was)
-        for q in todo:
-            q.finish_calibration()
-
-
-def quantize_module(module: CompressibleModule, dm: Any, s: QuantizeSettings,
-                    calibrated: bool = True) -> dict[str, Any]:  # fmt: skip
+def quantize_module(
+    module: CompressibleModule, dm: Any, s: QuantizeSettings, calibrated: bool = True
+) -> dict[str, list[int]]:
     """Plan, wrap and (unless ``calibrated`` is False) calibrate ``module.net`` with settings
-    ``s``; returns the record part. Uncalibrated layers stay float until :func:`calibrate`."""
+    ``s``; returns the layer plan. Uncalibrated layers stay float until :func:`calibrate`."""
     device = next(module.parameters()).device
     plan = layer_plan(module.net, dm.example_input(2).to(device), s)
     quantize_net(module.net, plan, s.learn_scale)
     module.net.to(device)
     if calibrated:
         calibrate_with(module, dm, s)
-    return {"layers": plan, "learn_scale": s.learn_scale}
+    return plan
 
 
 def calibrate_with(module: CompressibleModule, dm: Any, s: QuantizeSettings) -> None:
@@ -361,48 +129,87 @@ def calibrate_with(module: CompressibleModule, dm: Any, s: QuantizeSettings) -> 
     )
 
 
-class Quantize(Stage):
+def current_plan(net: nn.Module) -> dict[str, list[int]]:
+    """``{layer name: [weight bits, act bits]}`` of the quantized layers ``net`` has now."""
+    return {
+        name: [m.weight_bits, m.act_bits]
+        for name, m in net.named_modules()
+        if isinstance(m, QUANT_LAYERS)
+    }
+
+
+@dataclass
+class QuantizeRecord(StageRecord):
+    """``layers``: ``{name: [weight bits, act bits]}`` of every quantized layer; ``settings``
+    the stage settings (what a transfer or an extension re-applies)."""
+
+    VERSION = 1
+
+    layers: dict[str, list[int]] = field(default_factory=dict)
+    learn_scale: bool = False
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def quantize_settings(self) -> QuantizeSettings:
+        s = QuantizeSettings.from_dict(self.settings, "stage.quantize")
+        assert isinstance(s, QuantizeSettings)
+        return s
+
+
+class Quantize(Stage[QuantizeSettings, QuantizeRecord]):
     """Quantization-aware training (or PTQ with ``ptq: true``). See the module docstring."""
 
     name = "quantize"
     letter = "Q"
     Settings = QuantizeSettings
+    Record = QuantizeRecord
+    replace_order = 90  # wrap the student after every structural transfer (exit heads)
 
-    def apply(self, module: CompressibleModule, ctx: StageContext) -> dict[str, Any]:
+    def apply(self, module: CompressibleModule, ctx: StageContext) -> QuantizeRecord:
         s = self.settings
-        assert isinstance(s, QuantizeSettings)
-        record = quantize_module(module, ctx.dm, s)
-        record["settings"] = s.as_dict()
-        bits = [wa for wa in record["layers"].values()]
+        plan = quantize_module(module, ctx.dm, s)
+        bits = list(plan.values())
         self._summary = {
             "layers_quantized": len(bits),
             "mean_w_bits": sum(b[0] for b in bits) / max(1, len(bits)),
             "mean_a_bits": sum(b[1] for b in bits) / max(1, len(bits)),
         }
-        return record
+        return QuantizeRecord(layers=plan, learn_scale=s.learn_scale, settings=s.as_dict())
 
-    def run(self, module: CompressibleModule, ctx: StageContext) -> dict[str, Any]:
-        s = self.settings
-        assert isinstance(s, QuantizeSettings)
-        if not s.ptq:
-            return super().run(module, ctx)
-        record = self.apply(module, ctx)
-        record.update(stage=self.name, train_time_s=0.0)
-        return record
+    def phases(
+        self, module: CompressibleModule, ctx: StageContext, record: QuantizeRecord
+    ) -> list[Phase]:
+        return [] if self.settings.ptq else [Phase(self.settings.epochs)]
 
     @classmethod
-    def replay(cls, module: CompressibleModule, record: dict[str, Any], info: ReplayInfo) -> None:
-        quantize_net(module.net, record["layers"], bool(record.get("learn_scale", False)))
+    def replay(cls, module: CompressibleModule, record: QuantizeRecord, info: ReplayInfo) -> None:
+        quantize_net(module.net, record.layers, record.learn_scale)
         # the state dict loaded next sets the step sizes, signs and calibrated flags
 
+    @classmethod
+    def on_replace(
+        cls,
+        record: QuantizeRecord,
+        module: CompressibleModule,
+        ctx: StageContext,
+        old_net: nn.Module,
+    ) -> QuantizeRecord:
+        s = record.quantize_settings()
+        plan = quantize_module(module, ctx.dm, s, calibrated=False)
+        # ranges calibrated on an untrained student are meaningless: calibrate after warm-up
+        ctx.deferred.append(lambda: calibrate_with(module, ctx.dm, s))
+        return QuantizeRecord(layers=plan, learn_scale=s.learn_scale, settings=record.settings)
 
-def requantize(module: CompressibleModule, dm: Any, record: dict[str, Any],
-               calibrated: bool = True) -> dict[str, Any]:  # fmt: skip
-    """Re-apply a quantize record's settings to a new net (used by distill and early exit)."""
-    return quantize_module(module, dm, settings_of(record), calibrated)
+    @classmethod
+    def on_extend(
+        cls, record: QuantizeRecord, module: CompressibleModule, ctx: StageContext, names: list[str]
+    ) -> None:
+        quantize_module(module, ctx.dm, record.quantize_settings())
 
-
-def settings_of(record: dict[str, Any]) -> QuantizeSettings:
-    s = QuantizeSettings.from_dict(record["settings"], "stage.quantize")
-    assert isinstance(s, QuantizeSettings)
-    return s
+    @classmethod
+    def after_step(
+        cls, record: QuantizeRecord, module: CompressibleModule, ctx: StageContext
+    ) -> QuantizeRecord | None:
+        plan = current_plan(module.net)
+        if plan == record.layers:
+            return None
+        return QuantizeRecord(layers=plan, learn_scale=record.learn_scale, settings=record.settings)
