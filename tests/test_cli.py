@@ -31,15 +31,24 @@ def chaincomp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
 def test_train_writes_summary_and_logs_to_mlflow(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     proc = chaincomp(
-        "train", "data=digits", "model=small_cnn", "trainer.max_epochs=3", "trainer.enable_progress_bar=false",
-        f"hydra.run.dir={run_dir}", cwd=tmp_path,
-    )  # fmt: skip
+        "train",
+        "data=digits",
+        "model=small_cnn",
+        "trainer.max_epochs=3",
+        "trainer.enable_progress_bar=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary) >= SUMMARY_KEYS
     assert summary["task"] == "classify" and summary["metric_name"] == "accuracy"
     assert summary["val_metric"] > 80 and summary["test_metric"] > 80
-    assert summary["bitops"] == summary["macs"] * 32 * 32
+    # SmallCNN (16, 32, 64) on 8x8x1 digits, counted by hand (3x3 convs, "same" padding):
+    # stem 9*1*16*64 + stage 0 (8x8) 2 * 9*16*16*64 + stage 1 (4x4) 9*16*32*16 + 9*32*32*16
+    # + stage 2 (2x2) 9*32*64*4 + 9*64*64*4 + head 64*10
+    assert summary["macs"] == 9216 + 294912 + 73728 + 147456 + 73728 + 147456 + 640 == 747136
+    assert summary["bitops"] == 747136 * 32 * 32  # float: 32-bit weights x 32-bit activations
     assert (tmp_path / "mlflow.db").is_file()  # the default store: sqlite in the working directory
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
@@ -69,7 +78,24 @@ def test_cost_command_prints_table_and_writes_summary(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "c" / "summary.json").read_text())
     assert set(summary) >= SUMMARY_KEYS
     assert summary["val_metric"] is None and summary["mlflow_run_id"] is None
-    assert summary["macs"] == sum(layer["macs"] for layer in summary["layers"])
+    # an independent count: PyTorch's FLOP counter (2 FLOPs per multiply-accumulate) on the
+    # same network, built from the config as the command builds it
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from chaincomp.pipeline import build_data, build_net
+
+    from .conftest import compose_cfg
+
+    cfg = compose_cfg("model=resnet18", "data=digits", "tracking.enabled=false")
+    net = build_net(cfg, build_data(cfg)).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        net(torch.zeros(1, 1, 8, 8))
+    assert summary["macs"] == flops.get_total_flops() // 2 > 0
+    assert summary["params"] == sum(p.numel() for p in net.parameters())
+    assert summary["bitops"] == summary["macs"] * 32 * 32
+    fc = next(r for r in summary["layers"] if r["name"] == "head.fc")
+    assert fc["macs"] == 512 * 10  # the final linear: 512 features -> 10 classes
 
 
 @pytest.mark.parametrize(

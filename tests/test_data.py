@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from chaincomp.data import SOURCES, Augment, ChainDataModule, DataConfig, load_raw
+from chaincomp.data import SOURCES, Augment, ChainDataModule, DataConfig, RawDataset, load_raw
 from chaincomp.data.formats import read_idx
 from chaincomp.errors import ConfigError, DataError
 from chaincomp.tasks import make_task, rotate
@@ -248,6 +248,16 @@ def test_decoded_cache_skips_decoding(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(load_raw("mnist", path=str(root), cache_dir=tmp_path / "c").train_x) == 22
 
 
+# published class counts (train, test) of the real files
+KNOWN_COUNTS = {
+    "mnist": (
+        [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+        [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009],
+    ),
+    "fashion_mnist": ([6000] * 10, [1000] * 10),
+}
+
+
 @needs_shared
 @pytest.mark.parametrize(
     "name,shape,classes", [("mnist", (28, 28, 1), 10), ("fashion_mnist", (28, 28, 1), 10)]
@@ -256,31 +266,78 @@ def test_real_idx_datasets_from_shared(name: str, shape: tuple[int, ...], classe
     raw = load_raw(name)
     assert raw.train_x.shape == (60000, *shape) and raw.test_x.shape == (10000, *shape)
     assert len(raw.classes) == classes
-    assert np.bincount(raw.test_y).tolist() == (
-        [1000] * 10 if name == "fashion_mnist" else np.bincount(raw.test_y).tolist()
-    )
+    train_counts, test_counts = KNOWN_COUNTS[name]
+    assert np.bincount(raw.train_y, minlength=classes).tolist() == train_counts
+    assert np.bincount(raw.test_y, minlength=classes).tolist() == test_counts
 
 
 # ----------------------------------------------------------------------- splits + tasks
-def test_datamodule_split_is_seeded_and_disjoint() -> None:
+def test_datamodule_split_is_seeded() -> None:
     dm = ChainDataModule(DataConfig(name="digits", val_size=0.2, split_seed=3))
     dm.setup()
     n_total = dm.split_size("train") + dm.split_size("val")
     assert n_total == 1797 - 359 and dm.split_size("test") == 359
+    assert dm.split_size("val") == round(0.2 * n_total)
     dm2 = ChainDataModule(DataConfig(name="digits", val_size=0.2, split_seed=3))
     dm2.setup()
     x1 = next(iter(dm.loader("val", "cpu")))[0]
     x2 = next(iter(dm2.loader("val", "cpu")))[0]
     torch.testing.assert_close(x1, x2)
-    assert dm._splits is not None
-    train = {bytes(r) for r in dm._splits["train"][0].numpy()}
-    val = {bytes(r) for r in dm._splits["val"][0].numpy()}
-    assert (
-        len(train) + len(val) - len(train & val) > 0.95 * n_total
-    )  # (digits has a few duplicate images)
     dm3 = ChainDataModule(DataConfig(name="digits", val_size=0.2, split_seed=4))
     dm3.setup()
     assert not torch.equal(next(iter(dm3.loader("val", "cpu")))[0], x1)
+
+
+def _indexed_raw(n_train: int = 300, n_test: int = 40) -> RawDataset:
+    """A dataset whose every image is unique: its index in the training set is written into
+    its first two pixels (so a split's samples name the training indices they came from)."""
+
+    def images(n: int, offset: int) -> np.ndarray:
+        x = np.zeros((n, 4, 4, 1), np.uint8)
+        idx = np.arange(n) + offset
+        x[:, 0, 0, 0], x[:, 0, 1, 0] = idx // 256, idx % 256
+        return x
+
+    return RawDataset(
+        train_x=images(n_train, 0),
+        train_y=np.arange(n_train) % 3,
+        test_x=images(n_test, 5000),
+        test_y=np.arange(n_test) % 3,
+        classes=["a", "b", "c"],
+    )
+
+
+def _indices(dm: ChainDataModule, split: str) -> list[int]:
+    assert dm._splits is not None
+    x = dm._splits[split][0]  # the split's raw uint8 images (N, C, H, W)
+    return (x[:, 0, 0, 0].long() * 256 + x[:, 0, 0, 1].long()).tolist()
+
+
+@pytest.mark.parametrize("max_train", [None, 100])
+def test_train_and_val_are_disjoint_and_cover_the_training_set(
+    monkeypatch: pytest.MonkeyPatch, max_train: int | None
+) -> None:
+    import chaincomp.data.datamodule as datamodule
+
+    raw = _indexed_raw()
+    monkeypatch.setattr(datamodule, "load_raw", lambda *a, **k: raw)
+    dm = ChainDataModule(
+        DataConfig(name="digits", val_size=0.25, split_seed=5, max_train_samples=max_train)
+    )
+    dm.setup()
+    train, val, test = _indices(dm, "train"), _indices(dm, "val"), _indices(dm, "test")
+    assert len(set(train)) == len(train) and len(set(val)) == len(val)  # no sample twice
+    assert not set(train) & set(val)
+    assert len(val) == 75
+    if max_train is None:
+        assert sorted(train + val) == list(range(300))  # exactly the training set
+    else:
+        assert len(train) == max_train and set(train) < set(range(300)) - set(val)
+    assert test == list(range(5000, 5040))  # the official test set, untouched
+    # labels travel with their images
+    for split, idx in (("train", train), ("val", val)):
+        assert dm._splits is not None
+        assert dm._splits[split][1].tolist() == [i % 3 for i in idx]
 
 
 def test_eval_loader_covers_every_sample_once_and_train_drops_last() -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -53,19 +55,68 @@ def test_rotation_training_reports_mae_in_degrees() -> None:
 
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("schedule", sorted(SCHEDULES))
-def test_optimizers_and_schedules_build_and_step(name: str, schedule: str) -> None:
+def test_warmup_rises_to_exactly_lr_then_decays(name: str, schedule: str) -> None:
+    lr, steps, warm = 0.037, 20, 0.2
     p = torch.nn.Parameter(torch.ones(2))
-    opt, sched = OptimConfig(name=name, schedule=schedule, lr=0.1, warmup_fraction=0.1).build(
-        [p], 20
+    opt, sched = OptimConfig(name=name, schedule=schedule, lr=lr, warmup_fraction=warm).build(
+        [p], steps
     )
     lrs = []
-    for _ in range(20):
+    for _ in range(steps):
+        lrs.append(opt.param_groups[0]["lr"])  # the LR this optimizer step uses
         opt.step()
         sched.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    assert all(lr >= 0 for lr in lrs)
-    if schedule != "constant":
-        assert lrs[-1] < max(lrs)
+    peak = max(range(steps), key=lambda i: lrs[i])
+    assert lrs[0] < lr / 2  # the first step is well below the peak
+    assert 0 < peak <= warm * steps  # the peak comes at the end of the warm-up ...
+    assert all(a < b for a, b in itertools.pairwise(lrs[: peak + 1]))  # ... rising
+    assert lrs[peak] == pytest.approx(lr, rel=1e-9, abs=0)  # and it is optim.lr
+    assert max(lrs) <= lr * (1 + 1e-9)
+    after = lrs[peak:]
+    assert all(b <= a * (1 + 1e-9) for a, b in itertools.pairwise(after))
+    if schedule == "constant":
+        assert after == pytest.approx([lr] * len(after))
+    else:
+        assert lrs[-1] < 0.1 * lr  # decayed towards 0 by the last step
+
+
+def test_cosine_without_warmup_starts_at_lr() -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    opt, sched = OptimConfig(schedule="cosine", lr=0.05, warmup_fraction=0.0).build([p], 10)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] < 0.05
+
+
+def test_fine_tune_peaks_at_the_stage_lr() -> None:
+    """Through a real Trainer: the module's per-step LR starts low and peaks at the fine-tune's lr
+    (a stage's ``lr`` overrides ``optim.lr`` for its fine-tune only)."""
+    import pytorch_lightning as pl
+
+    from chaincomp.pipeline import fine_tuner
+
+    cfg = compose_cfg(
+        "data=digits",
+        "model=small_cnn",
+        "model.width_mult=0.5",
+        "optim.warmup_fraction=0.25",
+        "trainer.limit_train_batches=8",
+        *QUIET,
+    )
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    seen: list[float] = []
+
+    class LR(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    fine_tuner(dm, trainer_config(cfg))(module, 2, callbacks=[LR()], lr=0.02)
+    assert len(seen) == 16
+    assert seen[0] < 0.01 and max(seen) == pytest.approx(0.02, rel=1e-9)
+    assert seen.index(max(seen)) == 4  # 25 % of 16 steps of linear warm-up
+    assert module.optim_cfg.lr == cfg.optim.lr  # the override was for that fine-tune only
 
 
 def test_bad_optim_values_name_the_key() -> None:

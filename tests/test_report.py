@@ -24,17 +24,35 @@ ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "order_analysis.ipynb"
 
 
-def _chain(order: str, val: list[float], test: list[float] | None = None,
-           val_bitops: list[float] | None = None, bitops: list[float] | None = None,
-           hib: bool = True, run_id: str = "") -> rp.Chain:  # fmt: skip
+def _chain(
+    order: str,
+    val: list[float],
+    test: list[float] | None = None,
+    val_bitops: list[float] | None = None,
+    bitops: list[float] | None = None,
+    hib: bool = True,
+    run_id: str = "",
+) -> rp.Chain:
     """A chain with per-step validation and test numbers (test = validation unless given;
     BitOps 1000, 100, 10, 1 on both splits unless given)."""
     n = len(order) + 1
     test = val if test is None else test
     val_bitops = [1000.0 / 10**k for k in range(n)] if val_bitops is None else val_bitops
     bitops = val_bitops if bitops is None else bitops
-    rows = [rp.StepRow(k, "baseline" if k == 0 else order[k - 1], val[k], test[k], bitops[k],
-                       val_bitops[k], bitops[k], 1.0, 1.0) for k in range(n)]  # fmt: skip
+    rows = [
+        rp.StepRow(
+            k,
+            "baseline" if k == 0 else order[k - 1],
+            val[k],
+            test[k],
+            bitops[k],
+            val_bitops[k],
+            bitops[k],
+            1.0,
+            1.0,
+        )
+        for k in range(n)
+    ]
     return rp.Chain(order, run_id or f"run-{order}", hib, rows)
 
 
@@ -44,9 +62,24 @@ def _chain(order: str, val: list[float], test: list[float] | None = None,
 # split mirrors validation (test = 200 - val) and has its own BitOps, so every decision taken on
 # the test split would come out the other way: the tests below fail for a report that selects
 # on test.
-VAL = {"": 90.0, "A": 89.0, "B": 88.0, "C": 87.0, "AB": 86.0, "BA": 85.0, "AC": 84.0,
-       "CA": 86.5, "BC": 82.0, "CB": 83.0, "ABC": 80.0, "ACB": 83.0, "BAC": 79.0,
-       "BCA": 82.0, "CAB": 81.0, "CBA": 78.0}  # fmt: skip
+VAL = {
+    "": 90.0,
+    "A": 89.0,
+    "B": 88.0,
+    "C": 87.0,
+    "AB": 86.0,
+    "BA": 85.0,
+    "AC": 84.0,
+    "CA": 86.5,
+    "BC": 82.0,
+    "CB": 83.0,
+    "ABC": 80.0,
+    "ACB": 83.0,
+    "BAC": 79.0,
+    "BCA": 82.0,
+    "CAB": 81.0,
+    "CBA": 78.0,
+}
 # final validation BitOps reduction of each full order (the baseline has 1000 BitOps)
 VAL_RATIO = {"ABC": 40.0, "ACB": 10.0, "BAC": 30.0, "BCA": 20.0, "CAB": 5.0, "CBA": 50.0}
 ORDERS3 = ("ABC", "ACB", "BAC", "BCA", "CAB", "CBA")
@@ -82,7 +115,10 @@ def test_pairwise_precedence_and_insertion_decide_on_validation() -> None:
     # A->B with C inside: ACB 83 vs BCA 82 kept; C->A with B: CBA 78 vs ABC 80 not kept;
     # C->B with A: CAB 81 vs BAC 79 kept (on test each the other way)
     assert [(r["pair"], r["inserted"], r["preference_kept"]) for r in ins] == [
-        ("A->B", "C", True), ("C->A", "B", False), ("C->B", "A", True)]  # fmt: skip
+        ("A->B", "C", True),
+        ("C->A", "B", False),
+        ("C->B", "A", True),
+    ]
     assert ins[0]["kept_test_metric"] == 117.0 and ins[0]["reversed_test_metric"] == 118.0
 
 
@@ -98,10 +134,12 @@ def test_a_pair_the_test_split_would_give_the_other_way() -> None:
     assert rp.pairwise(rp.prefix_states([ab, ba]), ["A", "B"], False, 0.0)[0]["winner"] == "AB"
     # a tie on the validation metric goes to the larger validation BitOps reduction, whatever
     # the test split's BitOps (an early exit's rate differs per split)
-    ab = _chain("AB", [90.0, 89.0, 86.0], [90.0, 89.0, 86.0], [1000.0, 100.0, 10.0],
-                [1000.0, 100.0, 5.0])  # fmt: skip
-    ba = _chain("BA", [90.0, 88.0, 86.0], [90.0, 88.0, 86.0], [1000.0, 100.0, 20.0],
-                [1000.0, 100.0, 1.0])  # fmt: skip
+    ab = _chain(
+        "AB", [90.0, 89.0, 86.0], [90.0, 89.0, 86.0], [1000.0, 100.0, 10.0], [1000.0, 100.0, 5.0]
+    )
+    ba = _chain(
+        "BA", [90.0, 88.0, 86.0], [90.0, 88.0, 86.0], [1000.0, 100.0, 20.0], [1000.0, 100.0, 1.0]
+    )
     pair = rp.pairwise(rp.prefix_states([ab, ba]), ["A", "B"], True, 0.0)[0]
     assert pair["winner"] == "AB" and pair["first_val_bitops_ratio"] == 100.0
     assert pair["first_test_bitops_ratio"] == 200.0 and pair["second_test_bitops_ratio"] == 1000.0
@@ -121,12 +159,21 @@ def test_ranking_front_and_order_effect_are_on_validation() -> None:
     assert [(r["val_bitops_ratio"], r["test_bitops_ratio"]) for r in rows[:1]] == [(10.0, 1000.0)]
     # equal validation metrics: the larger validation BitOps reduction ranks first (AB, 100x;
     # on test BA would: 1000x vs 10x)
-    tied = [_chain("AB", [90.0, 89.0, 85.0], val_bitops=[1000.0, 100.0, 10.0],
-                   bitops=[1000.0, 100.0, 100.0]),
-            _chain("BA", [90.0, 88.0, 85.0], val_bitops=[1000.0, 100.0, 20.0],
-                   bitops=[1000.0, 100.0, 1.0])]  # fmt: skip
+    tied = [
+        _chain(
+            "AB",
+            [90.0, 89.0, 85.0],
+            val_bitops=[1000.0, 100.0, 10.0],
+            bitops=[1000.0, 100.0, 100.0],
+        ),
+        _chain(
+            "BA", [90.0, 88.0, 85.0], val_bitops=[1000.0, 100.0, 20.0], bitops=[1000.0, 100.0, 1.0]
+        ),
+    ]
     assert [(r["order"], r["rank"]) for r in rp.all_orders(tied, ["A", "B"], True)] == [
-        ("AB", 1), ("BA", 2)]  # fmt: skip
+        ("AB", 1),
+        ("BA", 2),
+    ]
     matrix = rp.order_effect(chains, ["A", "B", "C"])
     # A before B: ABC 80, ACB 83, CAB 81; B before A: BAC 79, BCA 82, CBA 78
     assert matrix[0][1] == pytest.approx((80 + 83 + 81) / 3 - (79 + 82 + 78) / 3)
@@ -171,15 +218,23 @@ def test_written_report_selects_on_validation_counts_folds_and_renders(tmp_path:
     assert set(written) == set(rp.STUDIES)
     res = {s: tmp_path / s / "results" / "toy" for s in rp.STUDIES}
     pairs = _read_csv(res["pairwise"] / "pairwise.csv")
-    assert [(p["pair"], p["winner"]) for p in pairs] == [("A,B", "AB"), ("A,C", "CA"),
-                                                          ("B,C", "CB")]  # fmt: skip
+    assert [(p["pair"], p["winner"]) for p in pairs] == [
+        ("A,B", "AB"),
+        ("A,C", "CA"),
+        ("B,C", "CB"),
+    ]
     assert float(pairs[0]["first_test_metric"]) == 114.0
     text = (res["precedence"] / "precedence.md").read_text()
     assert "Topological sort: **C->A->B** (the only order consistent with every pair)" in text
     orders = _read_csv(res["all_orders"] / "orders.csv")
     assert [(r["order"], r["rank"], r["runs"], r["pareto"]) for r in orders] == [
-        ("ACB", "1", "1", "True"), ("BCA", "2", "1", "True"), ("CAB", "3", "1", "False"),
-        ("ABC", "4", "2", "True"), ("BAC", "5", "1", "False"), ("CBA", "6", "1", "True")]  # fmt: skip
+        ("ACB", "1", "1", "True"),
+        ("BCA", "2", "1", "True"),
+        ("CAB", "3", "1", "False"),
+        ("ABC", "4", "2", "True"),
+        ("BAC", "5", "1", "False"),
+        ("CBA", "6", "1", "True"),
+    ]
     abc = orders[3]
     assert abc["run_id"] == "run-ABC" and float(abc["test_metric"]) == 120.0
     steps = _read_csv(res["all_orders"] / "steps.csv")
@@ -191,8 +246,13 @@ def test_written_report_selects_on_validation_counts_folds_and_renders(tmp_path:
         assert rp.SELECTION in md, study
 
     # every table renders as one, with its rows; every heading as a heading
-    expected = {"pairwise": [4], "precedence": [4], "insertion": [4], "all_orders": [7, 4, 4],
-                "headline": [5, 4]}  # fmt: skip
+    expected = {
+        "pairwise": [4],
+        "precedence": [4],
+        "insertion": [4],
+        "all_orders": [7, 4, 4],
+        "headline": [5, 4],
+    }
     for study, rows in expected.items():
         (md,) = res[study].glob("*.md")
         html = _render(md)
@@ -216,8 +276,10 @@ def test_chains_are_read_from_the_store_without_dropping_any() -> None:
         token = None
 
     def run(run_id: str, name: str, start: int, metrics: dict[str, float]) -> Any:
-        return NS(info=NS(run_id=run_id, run_name=name, start_time=start),
-                  data=NS(metrics=metrics, params={"data.task": "classify"}))  # fmt: skip
+        return NS(
+            info=NS(run_id=run_id, run_name=name, start_time=start),
+            data=NS(metrics=metrics, params={"data.task": "classify"}),
+        )
 
     def steps(val: list[float], val_bitops: bool) -> list[dict[str, float]]:
         out = []
@@ -228,15 +290,17 @@ def test_chains_are_read_from_the_store_without_dropping_any() -> None:
             out.append(m)
         return out
 
-    trials = {"t1": ("AB", 1, steps([90.0, 89.0, 87.0], True)),
-              "t2": ("AB", 2, steps([90.0, 89.0, 88.0], True)),
-              "t3": ("BA", 3, steps([90.0, 88.0, 86.0], False)),  # an older store: no val_bitops
-              "t4": ("AB", 4, [steps([90.0, 89.0, 87.0], True)[k] if k != 1 else {}
-                               for k in range(3)])}  # a step without metrics: not a chain  # fmt: skip
+    trials = {
+        "t1": ("AB", 1, steps([90.0, 89.0, 87.0], True)),
+        "t2": ("AB", 2, steps([90.0, 89.0, 88.0], True)),
+        "t3": ("BA", 3, steps([90.0, 88.0, 86.0], False)),  # an older store: no val_bitops
+        "t4": ("AB", 4, [steps([90.0, 89.0, 87.0], True)[k] if k != 1 else {} for k in range(3)]),
+    }  # a step without metrics: not a chain
 
     class Client:
-        def search_runs(self, _ids: list[str], filter_string: str, max_results: int,
-                        page_token: str | None) -> Page:  # fmt: skip
+        def search_runs(
+            self, _ids: list[str], filter_string: str, max_results: int, page_token: str | None
+        ) -> Page:
             if "optuna.study" in filter_string:
                 return Page(run(t, t, start, {}) for t, (_, start, _) in trials.items())
             order, _, ms = trials[filter_string.split("'")[1]]
@@ -266,9 +330,20 @@ def test_ties_go_to_bitops_and_cycles_fall_back_to_wins() -> None:
 
 def test_ties_give_no_edge_and_several_sorts_are_flagged() -> None:
     base = rp.State("", 90.0, 0.0, 1.0)
-    states = {"": base, **{o: rp.State(o, m, m - 90.0, r)
-              for o, m, r in (("AB", 88.0, 4.0), ("BA", 88.0, 4.0), ("AC", 87.0, 4.0),
-                              ("CA", 86.0, 4.0), ("BC", 85.0, 2.0), ("CB", 85.0, 2.0))}}  # fmt: skip
+    states = {
+        "": base,
+        **{
+            o: rp.State(o, m, m - 90.0, r)
+            for o, m, r in (
+                ("AB", 88.0, 4.0),
+                ("BA", 88.0, 4.0),
+                ("AC", 87.0, 4.0),
+                ("CA", 86.0, 4.0),
+                ("BC", 85.0, 2.0),
+                ("CB", 85.0, 2.0),
+            )
+        },
+    }
     pairs = rp.pairwise(states, ["A", "B", "C"], True, 0.0)
     assert [p["winner"] for p in pairs] == ["tie", "AC", "tie"]
     prec = rp.precedence(pairs, ["A", "B", "C"])
@@ -286,13 +361,15 @@ def test_pareto_front_is_exact() -> None:
 
 @pytest.mark.parametrize(
     ("section", "key"),
-    [({"studies": ["pairs"], "source": "s"}, "report.studies"),
-     ({"studies": [], "source": "s"}, "report.studies"),
-     ({"source": ""}, "report.source"),
-     ({"source": "s", "tie_tol": -1.0}, "report.tie_tol"),
-     ({"source": "s", "label": "a/b"}, "report.label"),
-     ({"source": "s", "colour": 1}, "report.colour")],
-)  # fmt: skip
+    [
+        ({"studies": ["pairs"], "source": "s"}, "report.studies"),
+        ({"studies": [], "source": "s"}, "report.studies"),
+        ({"source": ""}, "report.source"),
+        ({"source": "s", "tie_tol": -1.0}, "report.tie_tol"),
+        ({"source": "s", "label": "a/b"}, "report.label"),
+        ({"source": "s", "colour": 1}, "report.colour"),
+    ],
+)
 def test_bad_report_config_names_the_key(section: dict[str, Any], key: str) -> None:
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         rp.ReportConfig.from_dict(section)
@@ -301,12 +378,21 @@ def test_bad_report_config_names_the_key(section: dict[str, Any], key: str) -> N
 # ---------------------------------------------------------------- a real study on digits
 
 TINY = (
-    "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=2",
-    "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
-    "chain.steps.P.settings.epochs=1", "chain.steps.Q.settings.epochs=1",
-    "chain.steps.E.settings.epochs=1", "chain.steps.Q.settings.calib_batches=1",
-    "search=orders", "search.stages=[P,Q,E]", "search.n_trials=6", "search.name=tiny_orders",
-)  # fmt: skip
+    "data=digits",
+    "model=small_cnn",
+    "model.width_mult=0.5",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.enable_progress_bar=false",
+    "chain.steps.P.settings.epochs=1",
+    "chain.steps.Q.settings.epochs=1",
+    "chain.steps.E.settings.epochs=1",
+    "chain.steps.Q.settings.calib_batches=1",
+    "search=orders",
+    "search.stages=[P,Q,E]",
+    "search.n_trials=6",
+    "search.name=tiny_orders",
+)
 
 
 @pytest.fixture(scope="module")
@@ -314,8 +400,12 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Every order of P, Q, E on digits (a grid study: 6 chains, 15 stage runs)."""
     tmp = tmp_path_factory.mktemp("study")
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    cfg = compose_cfg(*TINY, f"chain.cache_dir={tmp / 'cache'}",
-                      f"search.storage={tmp / 'study.journal'}", f"tracking.uri={uri}")  # fmt: skip
+    cfg = compose_cfg(
+        *TINY,
+        f"chain.cache_dir={tmp / 'cache'}",
+        f"search.storage={tmp / 'study.journal'}",
+        f"tracking.uri={uri}",
+    )
     summary = sweep(cfg, tmp / "out")
     assert summary["states"] == {"COMPLETE": 6}
     return tmp, uri
@@ -329,16 +419,23 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
 def test_report_of_a_grid_study_matches_mlflow(tiny_study: tuple[Path, str]) -> None:
     tmp, uri = tiny_study
     out = tmp / "experiments"
-    cfg = compose_cfg(*TINY, f"tracking.uri={uri}", f"report.out_dir={out}", "report.label=digits",
-                      "report.studies=[pairwise,precedence,insertion,all_orders]")  # fmt: skip
+    cfg = compose_cfg(
+        *TINY,
+        f"tracking.uri={uri}",
+        f"report.out_dir={out}",
+        "report.label=digits",
+        "report.studies=[pairwise,precedence,insertion,all_orders]",
+    )
     written = rp.report(cfg)
     assert set(written) == {"pairwise", "precedence", "insertion", "all_orders"}
     res = {s: out / s / "results" / "digits" for s in written}
     steps = _read_csv(res["all_orders"] / "steps.csv")
     assert len(steps) == 6 * 4  # baseline + 3 steps per chain
     # every prefix's validation numbers, by hand from the long table
-    val = {r["chain"][: int(r["k"])]: (float(r["val_metric"]), float(r["val_bitops_ratio"]))
-           for r in steps}  # fmt: skip
+    val = {
+        r["chain"][: int(r["k"])]: (float(r["val_metric"]), float(r["val_bitops_ratio"]))
+        for r in steps
+    }
 
     def winner(x: str, y: str) -> str:  # higher accuracy, then larger BitOps reduction
         if val[x] == val[y]:
@@ -351,8 +448,11 @@ def test_report_of_a_grid_study_matches_mlflow(tiny_study: tuple[Path, str]) -> 
         assert float(p["first_val_metric"]) == val[p["first"]][0]
         assert p["winner"] == winner(p["first"], p["second"])
     edges = [(p["winner"][0], p["winner"][1]) for p in pairs if p["winner"] != "tie"]
-    fits = ["".join(o) for o in itertools.permutations("PQE")
-            if all(o.index(x) < o.index(y) for x, y in edges)]  # fmt: skip
+    fits = [
+        "".join(o)
+        for o in itertools.permutations("PQE")
+        if all(o.index(x) < o.index(y) for x, y in edges)
+    ]
     text = (res["precedence"] / "precedence.md").read_text()
     if len(fits) == 1:
         assert f"Topological sort: **{'->'.join(fits[0])}** (the only order" in text
@@ -380,9 +480,12 @@ def test_report_of_a_grid_study_matches_mlflow(tiny_study: tuple[Path, str]) -> 
     for row in orders:
         run = client.get_run(row["run_id"])
         assert run.data.tags["chaincomp.order"] == row["order"]
-        for col, key in (("val_metric", "val_metric"), ("test_metric", "test_metric"),
-                         ("val_bitops_ratio", "val_bitops_ratio"),
-                         ("test_bitops_ratio", "bitops_ratio")):  # fmt: skip
+        for col, key in (
+            ("val_metric", "val_metric"),
+            ("test_metric", "test_metric"),
+            ("val_bitops_ratio", "val_bitops_ratio"),
+            ("test_bitops_ratio", "bitops_ratio"),
+        ):
             assert float(row[col]) == pytest.approx(run.data.metrics[key]), col
     md = (res["all_orders"] / "orders.md").read_text()
     assert "6 chains read, 0 folded" in md and rp.SELECTION in md
@@ -393,8 +496,9 @@ def test_report_of_a_grid_study_matches_mlflow(tiny_study: tuple[Path, str]) -> 
 
 def test_report_of_an_unknown_source_names_the_key(tiny_study: tuple[Path, str]) -> None:
     tmp, uri = tiny_study
-    cfg = compose_cfg(*TINY, f"tracking.uri={uri}", "report.source=nothing_here",
-                      f"report.out_dir={tmp / 'x'}")  # fmt: skip
+    cfg = compose_cfg(
+        *TINY, f"tracking.uri={uri}", "report.source=nothing_here", f"report.out_dir={tmp / 'x'}"
+    )
     with pytest.raises(ConfigError, match=r"report\.source"):
         rp.report(cfg)
     assert not (tmp / "x").exists()
@@ -411,8 +515,9 @@ def test_notebook_is_stripped_and_runs_on_the_study(tiny_study: tuple[Path, str]
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        client = nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
-                                         resources={"metadata": {"path": str(ROOT)}})  # fmt: skip
+        client = nbclient.NotebookClient(
+            nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        )
         client.execute()
     finally:
         for k, v in old.items():
@@ -426,9 +531,13 @@ def test_notebook_is_stripped_and_runs_on_the_study(tiny_study: tuple[Path, str]
 
 @pytest.mark.parametrize(
     ("name", "source", "letters"),
-    [("orders_fashion", "orders_fashion", "DPQE"), ("orders_rotation", "orders_rotation", "DPQE"),
-     ("orders_cifar10", "orders_cifar10", "DPQE"), ("headline_cifar10", "headline_cifar10", "DPQE")],
-)  # fmt: skip
+    [
+        ("orders_fashion", "orders_fashion", "DPQE"),
+        ("orders_rotation", "orders_rotation", "DPQE"),
+        ("orders_cifar10", "orders_cifar10", "DPQE"),
+        ("headline_cifar10", "headline_cifar10", "DPQE"),
+    ],
+)
 def test_study_configs_compose_and_validate(name: str, source: str, letters: str) -> None:
     from omegaconf import OmegaConf
 
@@ -448,11 +557,17 @@ def test_the_four_stage_order_study_on_digits_end_to_end(tmp_path: Path) -> None
     ``sweep`` (64 stage runs), then every table of studies a-d through ``report``."""
     args = [a for a in TINY if not a.startswith(("search.stages", "search.n_trials"))]
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = compose_cfg(*args, "chain.steps.D.settings.epochs=2", "search.n_trials=24",
-                      f"chain.cache_dir={tmp_path / 'cache'}", f"tracking.uri={uri}",
-                      f"search.storage={tmp_path / 'study.journal'}",
-                      f"report.out_dir={tmp_path / 'experiments'}", "report.label=digits",
-                      "report.studies=[pairwise,precedence,insertion,all_orders]")  # fmt: skip
+    cfg = compose_cfg(
+        *args,
+        "chain.steps.D.settings.epochs=2",
+        "search.n_trials=24",
+        f"chain.cache_dir={tmp_path / 'cache'}",
+        f"tracking.uri={uri}",
+        f"search.storage={tmp_path / 'study.journal'}",
+        f"report.out_dir={tmp_path / 'experiments'}",
+        "report.label=digits",
+        "report.studies=[pairwise,precedence,insertion,all_orders]",
+    )
     summary = sweep(cfg, tmp_path / "out")
     assert summary["states"] == {"COMPLETE": 24}
     res = tmp_path / "experiments"
@@ -461,8 +576,11 @@ def test_the_four_stage_order_study_on_digits_end_to_end(tmp_path: Path) -> None
     orders = _read_csv(res / "all_orders" / "results" / "digits" / "orders.csv")
     assert len(orders) == 24 and "DPQE" in {r["order"] for r in orders}
     ins = _read_csv(res / "insertion" / "results" / "digits" / "insertion.csv")
-    ties = sum(1 for p in _read_csv(res / "pairwise" / "results" / "digits" / "pairwise.csv")
-               if p["winner"] == "tie")  # fmt: skip
+    ties = sum(
+        1
+        for p in _read_csv(res / "pairwise" / "results" / "digits" / "pairwise.csv")
+        if p["winner"] == "tie"
+    )
     assert len(ins) == 2 * (6 - ties)  # two third stages per decided pair
     text = (res / "precedence" / "results" / "digits" / "precedence.md").read_text()
     assert "The paper's order D->P->Q->E" in text

@@ -28,12 +28,18 @@ from chaincomp.search.study import Objective, space_of
 from .conftest import compose_cfg
 
 TINY = (
-    "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=2",
-    "trainer.limit_train_batches=4", "trainer.enable_progress_bar=false",
-    "chain.steps.D.settings.epochs=1", "chain.steps.P.settings.epochs=1",
-    "chain.steps.Q.settings.epochs=1", "chain.steps.E.settings.epochs=1",
+    "data=digits",
+    "model=small_cnn",
+    "model.width_mult=0.5",
+    "trainer.max_epochs=2",
+    "trainer.limit_train_batches=4",
+    "trainer.enable_progress_bar=false",
+    "chain.steps.D.settings.epochs=1",
+    "chain.steps.P.settings.epochs=1",
+    "chain.steps.Q.settings.epochs=1",
+    "chain.steps.E.settings.epochs=1",
     "chain.steps.Q.settings.calib_batches=1",
-)  # fmt: skip
+)
 
 
 def _free_port() -> int:
@@ -44,8 +50,13 @@ def _free_port() -> int:
 
 def _sweep_args(tmp: Path, *extra: str, tracking: str | None = None) -> list[str]:
     uri = tracking or f"sqlite:///{tmp / 'mlflow.db'}"
-    return [*TINY, f"chain.cache_dir={tmp / 'cache'}", f"search.storage={tmp / 'study.journal'}",
-            f"tracking.uri={uri}", *extra]  # fmt: skip
+    return [
+        *TINY,
+        f"chain.cache_dir={tmp / 'cache'}",
+        f"search.storage={tmp / 'study.journal'}",
+        f"tracking.uri={uri}",
+        *extra,
+    ]
 
 
 # ---------------------------------------------------------------- the space, ask / tell
@@ -55,8 +66,9 @@ def test_space_names_are_stable_and_conditional() -> None:
     cfg = compose_cfg()
     space = space_of(cfg, SearchConfig.from_cfg(cfg))
     assert len(space.orders) == 24 and "DPQE" in space.orders
-    study = optuna.create_study(directions=["maximize", "minimize"],
-                                sampler=optuna.samplers.RandomSampler(seed=0))  # fmt: skip
+    study = optuna.create_study(
+        directions=["maximize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0)
+    )
     stage_of = {"D": "distill", "P": "prune", "Q": "quantize", "E": "early_exit"}
     seen_orders = set()
     for _ in range(40):
@@ -124,8 +136,15 @@ def test_a_diverged_trial_fails_with_its_reason(
 
 
 def test_sweep_on_digits_gives_a_front_and_lineage(tmp_path: Path) -> None:
-    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=4", "search.sampler=random",
-                                   "search.orders=[PQ,QP,Q,PQE]", "search.name=small"))  # fmt: skip
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.n_trials=4",
+            "search.sampler=random",
+            "search.orders=[PQ,QP,Q,PQE]",
+            "search.name=small",
+        )
+    )
     summary = sweep(cfg, tmp_path / "out")
     assert summary["states"] == {"COMPLETE": 4}
     front = summary["front"]
@@ -144,8 +163,12 @@ def test_sweep_on_digits_gives_a_front_and_lineage(tmp_path: Path) -> None:
     exp = parent.info.experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 4
-    study = optuna.load_study(study_name="small", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))))  # fmt: skip
+    study = optuna.load_study(
+        study_name="small",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "study.journal"))
+        ),
+    )
     by_run = {t.user_attrs["mlflow_run_id"]: t.number for t in study.trials}
     for child in children:
         assert int(child.data.tags["optuna.trial"]) == by_run[child.info.run_id]
@@ -160,14 +183,33 @@ def test_sweep_on_digits_gives_a_front_and_lineage(tmp_path: Path) -> None:
         sweep(other, tmp_path / "out3")
 
 
-def test_failed_trials_are_recorded_and_the_sweep_goes_on(tmp_path: Path) -> None:
-    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=4", "search.sampler=grid",
-                                   "search.orders=[Q,D,PQ,DQ]", "search.name=fails",
-                                   "chain.steps.D.settings.student=no_such_model"))  # fmt: skip
+def test_failed_trials_are_recorded_and_the_sweep_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a student that cannot be built (a bad student name is refused up front now, so the
+    # failure is made inside the step, where a trial can only find it)
+    from chaincomp.stages import Distill
+
+    def broken(self, module, ctx):  # type: ignore[no-untyped-def]
+        raise RuntimeError("student no_such_model cannot be built")
+
+    monkeypatch.setattr(Distill, "apply", broken)
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.n_trials=4",
+            "search.sampler=grid",
+            "search.orders=[Q,D,PQ,DQ]",
+            "search.name=fails",
+        )
+    )
     summary = sweep(cfg, tmp_path / "out")
     assert summary["states"] == {"COMPLETE": 2, "FAIL": 2}
     reasons = {f["reason"] for f in summary["failed"]}
-    assert all("stage.distill.student: unknown model 'no_such_model'" in r for r in reasons)
+    assert reasons == {"RuntimeError: student no_such_model cannot be built"}
+    study = _journal_study(tmp_path / "study.journal", "fails")
+    failed_orders = {t.params["order"] for t in study.trials if t.state.name == "FAIL"}
+    assert failed_orders == {"D", "DQ"}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("chaincomp").experiment_id])
     failed = [r for r in runs if r.info.status == "FAILED"]
@@ -182,9 +224,15 @@ def _journal_study(path: Path, name: str) -> optuna.Study:
 
 def test_sigkilled_worker_is_detected_and_the_sweep_finishes(tmp_path: Path) -> None:
     # full digits epochs so that a trial lasts seconds: the kill lands inside one
-    args = _sweep_args(tmp_path, "search.n_trials=3", "search.sampler=random",
-                       "search.orders=[DPQ,PQE]", "search.name=killed",
-                       "trainer.limit_train_batches=null", "chain.steps.D.settings.epochs=6")  # fmt: skip
+    args = _sweep_args(
+        tmp_path,
+        "search.n_trials=3",
+        "search.sampler=random",
+        "search.orders=[DPQ,PQE]",
+        "search.name=killed",
+        "trainer.limit_train_batches=null",
+        "chain.steps.D.settings.epochs=6",
+    )
     cmd = [
         sys.executable,
         "-m",
@@ -204,16 +252,21 @@ def test_sigkilled_worker_is_detected_and_the_sweep_finishes(tmp_path: Path) -> 
                 study = _journal_study(tmp_path / "study.journal", "killed")
             except KeyError:
                 continue
-            if any(t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs and t.number >= 1
-                   for t in study.trials):  # fmt: skip
+            if any(
+                t.state.name == "RUNNING" and "mlflow_run_id" in t.user_attrs and t.number >= 1
+                for t in study.trials
+            ):
                 time.sleep(0.5)  # inside the trial: its chain and step runs are open
                 proc.send_signal(signal.SIGKILL)
                 break
     finally:
         proc.kill()
         proc.wait()
-    running = [t for t in _journal_study(tmp_path / "study.journal", "killed").trials
-               if t.state.name == "RUNNING"]  # fmt: skip
+    running = [
+        t
+        for t in _journal_study(tmp_path / "study.journal", "killed").trials
+        if t.state.name == "RUNNING"
+    ]
     assert len(running) == 1, "the kill did not land inside a trial"
     victim = running[0].number
     res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
@@ -258,11 +311,29 @@ def postgres_url() -> Iterator[str]:
         as_user = ["runuser", "-u", "postgres", "--"]
     port = _free_port()
     env = {**os.environ, "LC_ALL": "C"}
-    subprocess.run([*as_user, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
-    subprocess.run([*as_user, pg_ctl, "-D", str(data / "db"), "-w", "-l", str(data / "log"),
-                    "-o", f"-p {port} -k {data} -h 127.0.0.1", "start"],
-                   check=True, capture_output=True, env=env)  # fmt: skip
+    subprocess.run(
+        [*as_user, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
+    subprocess.run(
+        [
+            *as_user,
+            pg_ctl,
+            "-D",
+            str(data / "db"),
+            "-w",
+            "-l",
+            str(data / "log"),
+            "-o",
+            f"-p {port} -k {data} -h 127.0.0.1",
+            "start",
+        ],
+        check=True,
+        capture_output=True,
+        env=env,
+    )
     try:
         import psycopg2
 
@@ -272,17 +343,28 @@ def postgres_url() -> Iterator[str]:
         conn.close()
         yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
     finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"],
-                       capture_output=True, env=env)  # fmt: skip
+        subprocess.run(
+            [*as_user, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"],
+            capture_output=True,
+            env=env,
+        )
         shutil.rmtree(data, ignore_errors=True)
 
 
 def test_two_workers_on_postgresql_record_every_trial_once(
     tmp_path: Path, postgres_url: str
 ) -> None:
-    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=4", "search.n_workers=2",
-                                   "search.sampler=random", "search.orders=[PQ,QE,Q,P]",
-                                   "search.name=pg", f"search.storage={postgres_url}"))  # fmt: skip
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.n_trials=4",
+            "search.n_workers=2",
+            "search.sampler=random",
+            "search.orders=[PQ,QE,Q,P]",
+            "search.name=pg",
+            f"search.storage={postgres_url}",
+        )
+    )
     summary = sweep(cfg, tmp_path / "out")
     study = optuna.load_study(study_name="pg", storage=postgres_url)
     trials = study.trials
@@ -303,11 +385,25 @@ def test_two_workers_on_postgresql_record_every_trial_once(
 @pytest.fixture
 def mlflow_server(tmp_path: Path) -> Iterator[str]:
     port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-           f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "art"),
-           "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{tmp_path / 'server.db'}",
+        "--artifacts-destination",
+        str(tmp_path / "art"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_http(url + "/health", 120)
@@ -330,9 +426,16 @@ def _wait_http(url: str, seconds: float) -> None:
 
 
 def test_lineage_through_a_real_mlflow_server(tmp_path: Path, mlflow_server: str) -> None:
-    cfg = compose_cfg(*_sweep_args(tmp_path, "search.n_trials=2", "search.sampler=grid",
-                                   "search.orders=[PQ,Q]", "search.name=served",
-                                   tracking=mlflow_server))  # fmt: skip
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.n_trials=2",
+            "search.sampler=grid",
+            "search.orders=[PQ,Q]",
+            "search.name=served",
+            tracking=mlflow_server,
+        )
+    )
     summary = sweep(cfg, tmp_path / "out")
     client = MlflowClient(mlflow_server)
     parent = client.get_run(summary["mlflow_run_id"])
@@ -348,14 +451,203 @@ def test_lineage_through_a_real_mlflow_server(tmp_path: Path, mlflow_server: str
 
 
 def test_chaincomp_ui_serves_the_store(tmp_path: Path) -> None:
+    # a store with one experiment and one run in it: the UI must serve exactly this store
+    uri = f"sqlite:///{tmp_path / 'm.db'}"
+    client = MlflowClient(uri)
+    exp_id = client.create_experiment("served-store")
+    run_id = client.create_run(exp_id, run_name="the-run").info.run_id
+    client.log_metric(run_id, "val_metric", 87.5)
+    client.set_terminated(run_id)
     port = _free_port()
-    cmd = [sys.executable, "-m", "chaincomp.cli", "ui", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}",
-           f"+port={port}", f"hydra.run.dir={tmp_path / 'out'}"]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "chaincomp.cli",
+        "ui",
+        f"tracking.uri={uri}",
+        f"+port={port}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
     try:
-        _wait_http(f"http://127.0.0.1:{port}/", 120)
+        _wait_http(base + "/", 120)
+        with urllib.request.urlopen(base + "/", timeout=10) as r:
+            assert "mlflow" in r.read().decode("utf-8", "replace").lower()
+        api = f"{base}/api/2.0/mlflow"
+        with urllib.request.urlopen(
+            f"{api}/experiments/get-by-name?experiment_name=served-store", timeout=10
+        ) as r:
+            assert json.loads(r.read())["experiment"]["experiment_id"] == exp_id
+        with urllib.request.urlopen(f"{api}/runs/get?run_id={run_id}", timeout=10) as r:
+            run = json.loads(r.read())["run"]
+        assert run["info"]["run_name"] == "the-run"
+        assert {m["key"]: m["value"] for m in run["data"]["metrics"]} == {"val_metric": 87.5}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
-    assert json.dumps({"ok": True})
+
+
+# ---------------------------------------------------------------- bad search keys, up front
+
+
+def _no_study_was_made(tmp: Path) -> bool:
+    return not (tmp / "study.journal").exists() and not (tmp / "out" / "trials").exists()
+
+
+def test_a_misspelled_search_key_stops_the_sweep_before_any_trial(tmp_path: Path) -> None:
+    cfg = compose_cfg(*_sweep_args(tmp_path, "+search.n_trails=3", "tracking.enabled=false"))
+    with pytest.raises(ConfigError) as info:
+        sweep(cfg, tmp_path / "out")
+    assert info.value.key == "search.n_trails"
+    assert str(info.value).startswith("search.n_trails: unknown key; allowed: ")
+    assert "n_trials" in info.value.allowed.split(", ")  # type: ignore[union-attr]
+    assert _no_study_was_made(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            "+chain.steps.P.search.ratoi={type: float, low: 0.1, high: 0.5}",
+            "chain.steps.P.search.ratoi: prune has no setting 'ratoi'; allowed: epochs, importance",
+        ),
+        ("chain.steps.Q.search.w_bits.high=9", "chain.steps.Q.search.w_bits: value 9 is invalid"),
+        (
+            "chain.steps.P.search.importance.choices=[l1,l3]",
+            "chain.steps.P.search.importance: value 'l3' is invalid",
+        ),
+    ],
+)
+def test_a_bad_stage_search_space_stops_the_sweep_before_any_trial(
+    tmp_path: Path, override: str, message: str
+) -> None:
+    # without the up-front check each of these fails only inside the trials that draw it
+    cfg = compose_cfg(*_sweep_args(tmp_path, override, "tracking.enabled=false"))
+    with pytest.raises(ConfigError) as info:
+        sweep(cfg, tmp_path / "out")
+    assert str(info.value).startswith(message)
+    assert _no_study_was_made(tmp_path)
+
+
+# ---------------------------------------------------------------- samplers and objectives
+
+
+def _study(tmp: Path, name: str) -> optuna.Study:
+    return _journal_study(tmp / "study.journal", name)
+
+
+def test_nsga2_sweep_samples_with_nsga2_and_records_the_constraints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import chaincomp.search.study as sw
+
+    made: list[optuna.samplers.BaseSampler] = []
+    real = sw.make_sampler
+    monkeypatch.setattr(sw, "make_sampler", lambda *a: made.append(real(*a)) or made[-1])
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.n_trials=3",
+            "search.sampler=nsga2",
+            "search.stages=[P,Q]",
+            "search.orders=[P,Q,PQ]",
+            "search.max_metric_loss=100",
+            "search.name=nsga",
+            "chain.steps.P.settings.epochs=0",
+            "chain.steps.Q.settings.epochs=0",
+            "tracking.enabled=false",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    assert summary["states"] == {"COMPLETE": 3} and summary["sampler"] == "nsga2"
+    assert made and all(isinstance(s, optuna.samplers.NSGAIISampler) for s in made)
+    study = _study(tmp_path, "nsga")
+    assert len(study.directions) == 2
+    for t in study.trials:
+        # NSGA-II drew these trials (its generation mark) and saw each trial's constraints
+        assert t.system_attrs["NSGAIISampler:generation"] == 0
+        assert t.system_attrs["constraints"] == t.user_attrs["constraints"]
+        assert t.user_attrs["constraints"][0] == pytest.approx(
+            t.user_attrs["val_metric_loss"] - 100
+        )
+
+
+def test_metric_objective_is_the_best_metric_within_the_bitops_budget(tmp_path: Path) -> None:
+    budget = 1.0e7  # P alone (float, ~5e7 BitOps) is over it; Q and PQ (4-bit) are under it
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.objective=metric",
+            f"search.bitops_budget={budget}",
+            "search.sampler=grid",
+            "search.stages=[P,Q]",
+            "search.orders=[P,Q,PQ]",
+            "search.n_trials=3",
+            "search.name=metric",
+            "tracking.enabled=false",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    assert summary["states"] == {"COMPLETE": 3}
+    study = _study(tmp_path, "metric")
+    assert study.directions == [optuna.study.StudyDirection.MAXIMIZE]  # accuracy, one objective
+    trials = {t.user_attrs["letters"]: t for t in study.trials}
+    assert all(t.value == t.user_attrs["val_metric"] for t in trials.values())
+    assert trials["P"].user_attrs["val_bitops"] > budget
+    feasible = [t for t in trials.values() if t.user_attrs["val_bitops"] <= budget]
+    assert sorted(t.user_attrs["letters"] for t in feasible) == ["PQ", "Q"]
+    front = summary["front"]
+    assert {r["trial"] for r in front} == {t.number for t in feasible}  # P is not an answer
+    best = max(front, key=lambda r: r["val_metric"])
+    assert best["trial"] == max(feasible, key=lambda t: t.user_attrs["val_metric"]).number
+    assert best["val_bitops"] <= budget
+
+
+@pytest.mark.slow  # ~30 s: a baseline and a fine-tune worth comparing
+def test_cost_objective_is_the_fewest_bitops_within_the_metric_loss(tmp_path: Path) -> None:
+    # Q: 1-bit weights, 2-bit activations (2 bits for the first and last layer), no training:
+    # by far the cheapest, and ruined;
+    # P: a tenth of the channels, fine-tuned: costlier, and close to the baseline
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "search.objective=cost",
+            "search.max_metric_loss=15",
+            "search.sampler=grid",
+            "search.stages=[P,Q]",
+            "search.orders=[P,Q]",
+            "search.n_trials=2",
+            "search.name=cost",
+            "chain.steps.P.settings.ratio=0.1",
+            "chain.steps.Q.settings.w_bits=1",
+            "chain.steps.Q.settings.a_bits=2",
+            "chain.steps.Q.settings.first_bits=2",
+            "chain.steps.Q.settings.last_bits=2",
+            "chain.steps.Q.settings.epochs=0",
+            "tracking.enabled=false",
+            # a baseline worth keeping (TINY's is near chance)
+            "trainer.limit_train_batches=null",
+            "trainer.max_epochs=4",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    assert summary["states"] == {"COMPLETE": 2}
+    study = _study(tmp_path, "cost")
+    assert study.directions == [optuna.study.StudyDirection.MINIMIZE]  # BitOps, one objective
+    p, q = (next(t for t in study.trials if t.user_attrs["letters"] == o) for o in ("P", "Q"))
+    assert all(t.value == t.user_attrs["val_bitops"] for t in (p, q))
+    assert q.value < p.value  # Q is cheaper ...
+    base = q.user_attrs["baseline_val_metric"]
+    assert base > 70
+    # ... but loses more than allowed
+    assert base - q.user_attrs["val_metric"] > 15, (base, q.user_attrs["val_metric"])
+    assert base - p.user_attrs["val_metric"] <= 15, (base, p.user_attrs["val_metric"])
+    front = summary["front"]
+    assert [r["trial"] for r in front] == [p.number]  # the cheapest feasible trial, alone

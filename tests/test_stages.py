@@ -29,37 +29,59 @@ def _conv_shapes(net: nn.Module) -> dict[str, tuple[int, ...]]:
     return {n: tuple(m.weight.shape) for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
 
 
-def test_prune_removes_channels_and_the_macs_they_account_for(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
+def _out_channels(net: nn.Module) -> dict[str, int]:
+    return {n: m.out_channels for n, m in net.named_modules() if isinstance(m, nn.Conv2d)}
+
+
+def macs_by_flop_counter(net: nn.Module, example: torch.Tensor) -> int:
+    """MACs from PyTorch's own FLOP counter (2 FLOPs per multiply-accumulate): a count
+    independent of chaincomp.cost."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was = net.training
+    net.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as flops:
+        net(example)
+    net.train(was)
+    return flops.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.3])
+def test_prune_keeps_exactly_the_expected_channels(
+    digits_base, digits_module, ratio: float
+) -> None:  # type: ignore[no-untyped-def]
     cfg, dm, _ = digits_base
     module = digits_module
     example = dm.example_input(1)
-    before = count_cost(module.net, example)
-    shapes0 = _conv_shapes(module.net)
-    stage = Prune.from_config({"ratio": 0.5, "epochs": 0})
-    record = stage.run(module, make_ctx(cfg, dm))
-    after = count_cost(module.net, example)
-    shapes1 = _conv_shapes(module.net)
-    # every inner conv lost channels; the input conv keeps its 1 input channel
-    assert all(shapes1[n][0] < shapes0[n][0] for n in shapes0)
-    assert shapes1["stem.0"][1] == shapes0["stem.0"][1] == 1
-    # the parameters are physically smaller, not zeroed
-    assert (
-        sum(p.numel() for p in module.net.parameters())
-        < 0.4 * sum(math.prod(s) for s in shapes0.values()) + 10_000
-    )
-    # MACs fall by exactly what the removed channels account for: per conv, the MACs scale by
-    # (C_in' * C_out') / (C_in * C_out) at the same output size
-    expected = 0
-    for layer in before.layers:
-        if layer.kind == "conv":
-            s0, s1 = shapes0[layer.name], shapes1[layer.name]
-            expected += layer.macs * (s1[0] * s1[1]) // (s0[0] * s0[1])
-        else:
-            lin = module.net.get_submodule(layer.name)
-            expected += lin.in_features * lin.out_features
-    assert after.macs == expected
-    assert record["macs"] == [before.macs, after.macs]
-    assert stage.summary()["macs_reduction"] > 0.6  # ~1 - 0.5^2 for the inner convs
+    before = _out_channels(module.net)
+    # the half-width SmallCNN on digits: 8, 8, 8 | 16, 16 | 32, 32 output channels
+    assert list(before.values()) == [8, 8, 8, 16, 16, 32, 32]
+    record = Prune.from_config({"ratio": ratio, "epochs": 0}).run(module, make_ctx(cfg, dm))
+    after = _out_channels(module.net)
+    # uniform pruning: Torch-Pruning keeps int(C * (1 - ratio)) channels of every conv
+    expected = {n: int(c * (1 - ratio)) for n, c in before.items()}
+    assert after == expected
+    if ratio == 0.5:
+        assert list(after.values()) == [4, 4, 4, 8, 8, 16, 16]
+    else:
+        assert list(after.values()) == [5, 5, 5, 11, 11, 22, 22]
+    # the pruned layers are wired together: each conv reads what the previous one writes
+    convs = [m for m in module.net.modules() if isinstance(m, nn.Conv2d)]
+    assert convs[0].in_channels == 1
+    assert [c.in_channels for c in convs[1:]] == [c.out_channels for c in convs[:-1]]
+    assert module.net.head.fc.in_features == convs[-1].out_channels
+    assert module.net.head.fc.out_features == 10
+    # physically smaller, and the cost falls by what an independent counter sees
+    macs = macs_by_flop_counter(module.net, example)
+    assert count_cost(module.net, example).macs == macs
+    if ratio == 0.5:
+        # by hand: stem 9*1*4*64, stage 0 (8x8) 2 * 9*4*4*64, stage 1 (4x4) 9*4*8*16 + 9*8*8*16,
+        # stage 2 (2x2) 9*8*16*4 + 9*16*16*4, head 16*10
+        assert macs == 2304 + 18432 + 4608 + 9216 + 4608 + 9216 + 160 == 48544
+        # conv weights 36+144+144+288+576+1152+2304, BN 2*(4+4+4+8+8+16+16), fc 16*10+10
+        assert sum(p.numel() for p in module.net.parameters()) == 4644 + 120 + 170
+    assert record.channels == [sum(before.values()), sum(after.values())]
+    assert record.macs[1] == macs
 
 
 def test_prune_macs_target(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
@@ -207,18 +229,76 @@ def test_dynamic_inference_matches_simulation_and_rates_sum_to_one(
     assert row["bitops"] < report.bitops
 
 
-def test_validation_threshold_keeps_the_metric_within_max_loss(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
+def _two_class(p_first: float, n: int) -> torch.Tensor:
+    """``n`` rows of 2-class logits whose softmax is (p_first, 1 - p_first)."""
+    return torch.tensor([[math.log(p_first / (1 - p_first)), 0.0]] * n)
+
+
+def _constructed_outputs() -> tuple[list[torch.Tensor], torch.Tensor]:
+    """10 samples, all of class 0, two exit heads and the final head.
+
+    exit 0: samples 0-4 right at confidence 0.9, 5-6 WRONG at 0.8, 7-9 WRONG at 0.6;
+    exit 1: every sample right at 0.7; final head: every sample right at 0.99."""
+    exit0 = torch.cat([_two_class(0.9, 5), _two_class(0.2, 2), _two_class(0.4, 3)])
+    return [exit0, _two_class(0.7, 10), _two_class(0.99, 10)], torch.zeros(10, dtype=torch.long)
+
+
+@pytest.mark.parametrize(
+    ("max_loss", "low", "high", "rates", "keep"),
+    [
+        # no loss allowed: samples 5-6 (wrong at 0.8) must not leave, so 0.8 < t <= 0.9; then
+        # 0-4 leave at exit 0 and the rest (exit 1 at 0.7 < t) go to the end
+        (0.0, (0, 5), (0, 0), [0.5, 0.0, 0.5], [0]),
+        # 20 points allowed: 0.6 < t <= 0.7 lets 0-6 leave at exit 0 (80 %) and 7-9 at exit 1,
+        # cheaper than any higher threshold; t <= 0.6 would let 7-9 leave wrong (50 %)
+        (20.0, (0, 7), (1, 7), [0.7, 0.3, 0.0], [0, 1]),
+    ],
+)
+def test_validation_threshold_is_the_cheapest_within_max_loss(
+    digits_base, digits_module, monkeypatch, max_loss, low, high, rates, keep
+) -> None:  # type: ignore[no-untyped-def]
+    import chaincomp.stages.early_exit as ee
+
+    _cfg, dm, module = _exit_module(digits_base, digits_module)
+    net = module.net
+    outs, target = _constructed_outputs()
+    conf = [torch.softmax(o, 1).amax(1) for o in outs]  # (float32: 0.6 is 0.59999996)
+    assert [round(float(conf[0][i]), 4) for i in (0, 5, 7)] == [0.9, 0.8, 0.6]
+    monkeypatch.setattr(ee, "collect", lambda module, batches: (outs, target))
+    report = count_cost(net, dm.example_input(1))
+    head = [report.sum([f"exits.{k}"]) for k in range(2)]
+    prefix = [
+        report.sum(["backbone.stem", *(f"backbone.stages.{i}" for i in range(k + 1))])
+        for k in range(3)
+    ]
+    final = report.sum(["backbone"])
+    # cost of leaving at exit 0 / exit 1 / the end with the heads in `keep` evaluated on the way
+    cost = {
+        (0,): [prefix[0] + head[0], None, final + head[0]],
+        (0, 1): [prefix[0] + head[0], prefix[1] + head[0] + head[1], final + head[0] + head[1]],
+    }[tuple(keep)]
+    assert prefix[1] + head[0] + head[1] < final + head[0]  # so exit 1 pays off in case 2
+    chosen = ee.select_threshold(module, None, report, max_loss)
+    assert float(conf[low[0]][low[1]]) < chosen["threshold"] <= float(conf[high[0]][high[1]])
+    assert chosen["rates"] == pytest.approx(rates)
+    assert chosen["keep"] == keep
+    assert chosen["metric"] == pytest.approx(100.0 - max_loss)
+    assert chosen["full_metric"] == pytest.approx(100.0)
+    expected = sum(r * c for r, c in zip(rates, cost, strict=True) if r > 0)
+    assert chosen["cost"] == pytest.approx(expected)
+
+
+def test_validation_threshold_drops_the_heads_no_sample_uses(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
     cfg, dm, _ = digits_base
     module = digits_module
     stage = EarlyExit.from_config({"epochs": 1, "max_loss": 1.0})
     record = stage.run(module, make_ctx(cfg, dm, max_batches=5))
-    sel = record["val_selection"]
-    assert sel["metric"] >= sel["full_metric"] - 1.0
+    sel = record.val_selection
     assert sum(sel["rates"]) == pytest.approx(1.0)
     # heads that no validation sample leaves at are removed; the rest are the record's points
     net = module.net
-    assert net.points == record["points"] and len(net.exits) == len(net.points)
-    assert set(record["dropped_points"]) | set(net.points) == {0, 1}
+    assert net.points == record.points and len(net.exits) == len(net.points)
+    assert set(record.dropped_points) | set(net.points) == {0, 1}
     used = [r for r in sel["rates"][:-1] if r > 0]
     assert len(used) == len(net.points)
 
@@ -232,22 +312,90 @@ def test_frozen_backbone_is_not_trained(digits_base, digits_module) -> None:  # 
     assert all(torch.equal(before[k], after[k]) for k in after)
 
 
-def test_kd_loss_with_alpha_zero_is_the_task_loss(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
+def kd_by_hand(
+    student: list[list[float]],
+    teacher: list[list[float]],
+    target: list[int],
+    alpha: float,
+    t: float,
+) -> float:
+    """(1 - a) * CE + a * T^2 * KL(softmax(teacher / T) || softmax(student / T)), batch means,
+    written out with math (no torch)."""
+
+    def softmax(row: list[float], temp: float) -> list[float]:
+        e = [math.exp(v / temp) for v in row]
+        return [v / sum(e) for v in e]
+
+    ce = kl = 0.0
+    for s_row, t_row, y in zip(student, teacher, target, strict=True):
+        ce += -math.log(softmax(s_row, 1.0)[y])
+        p, q = softmax(s_row, t), softmax(t_row, t)
+        kl += sum(qj * (math.log(qj) - math.log(pj)) for pj, qj in zip(p, q, strict=True))
+    n = len(target)
+    return (1 - alpha) * ce / n + alpha * t * t * kl / n
+
+
+def test_kd_by_hand_on_two_classes() -> None:
+    # student (0, 0), teacher (2, 0), label 0, T = 2: CE = ln 2; q = softmax(1, 0) = (e, 1) / (e + 1)
+    e = math.e
+    q = (e / (e + 1), 1 / (e + 1))
+    kl = q[0] * math.log(2 * q[0]) + q[1] * math.log(2 * q[1])
+    assert kl == pytest.approx(0.110944, abs=1e-6)
+    expected = 0.5 * math.log(2) + 0.5 * 4 * kl
+    assert kd_by_hand([[0.0, 0.0]], [[2.0, 0.0]], [0], 0.5, 2.0) == pytest.approx(expected)
+    assert expected == pytest.approx(0.568462, abs=1e-6)
+
+
+class _Fixed(nn.Module):
+    """A stand-in network that answers fixed logits whatever the input."""
+
+    def __init__(self, logits: list[list[float]]):
+        super().__init__()
+        self.logits = torch.tensor(logits)
+        self.w = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits + 0 * self.w
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0])
+def test_distill_training_loss_is_the_kd_objective_on_fixed_logits(
+    digits_base, alpha: float
+) -> None:  # type: ignore[no-untyped-def]
+    from chaincomp.pipeline import build_module
+
+    cfg, dm, _ = digits_base
+    student = [[1.0, -0.5, 0.2], [0.3, 0.3, -1.0]]
+    teacher = [[2.5, 0.0, -1.0], [-0.5, 1.5, 0.0]]
+    target = [0, 2]
+    module = build_module(cfg, dm, _Fixed(teacher))  # the current net becomes the teacher
+    module.log = lambda *a, **k: None  # type: ignore[method-assign]
+    stage = Distill.from_config({"alpha": alpha, "temperature": 2.0, "width_mult": 0.5})
+    stage.apply(module, make_ctx(cfg, dm))
+    module.net = _Fixed(student)  # the student's outputs, fixed
+    batch = (torch.zeros(2, 1, 8, 8), torch.tensor(target))
+    loss = module.training_step(batch, 0)
+    assert loss.item() == pytest.approx(kd_by_hand(student, teacher, target, alpha, 2.0), rel=1e-5)
+
+
+def test_distill_training_loss_is_the_kd_objective_on_the_real_nets(
+    digits_base, digits_module
+) -> None:  # type: ignore[no-untyped-def]
     cfg, dm, _ = digits_base
     module = digits_module
-    stage = Distill.from_config({"alpha": 0.0, "width_mult": 0.5})
-    stage.apply(module, make_ctx(cfg, dm))
+    teacher = module.net
     module.log = lambda *a, **k: None  # type: ignore[method-assign]
-    batch = next(iter(dm.loader("train", "cpu")))
-    module.eval()
-    loss = module.training_step(batch, 0)
-    assert loss.item() == pytest.approx(
-        module.task.loss(module(batch[0]), batch[1]).item(), abs=1e-6
+    Distill.from_config({"alpha": 0.5, "temperature": 2.0, "width_mult": 0.5}).apply(
+        module, make_ctx(cfg, dm)
     )
-    # with alpha > 0 the KD term is in the loss
-    stage2 = Distill.from_config({"alpha": 0.5, "temperature": 2.0})
-    stage2.apply(module, make_ctx(cfg, dm))
-    assert "kd" in module.loss_terms and module.task_weight == 0.5
+    assert module.net is not teacher
+    x, y = next(iter(dm.loader("train", "cpu")))
+    module.eval()  # fixed BN statistics: the same outputs in both computations
+    teacher.eval()
+    loss = module.training_step((x, y), 0)
+    with torch.no_grad():
+        s_out, t_out = module(x).tolist(), teacher(x).tolist()
+    assert loss.item() == pytest.approx(kd_by_hand(s_out, t_out, y.tolist(), 0.5, 2.0), rel=1e-4)
 
 
 def test_distill_losses() -> None:
@@ -268,20 +416,26 @@ def test_distill_transfers_bits_and_exits_and_drops_pruning(digits_base, digits_
     cfg, dm, _ = digits_base
     module = digits_module
     ctx = make_ctx(cfg, dm, max_batches=3)
-    for stage in (Prune.from_config({"ratio": 0.3, "epochs": 0}),
-                  Quantize.from_config({"epochs": 0, "w_bits": 2}),
-                  EarlyExit.from_config({"epochs": 0, "threshold_mode": "fixed"})):  # fmt: skip
+    for stage in (
+        Prune.from_config({"ratio": 0.3, "epochs": 0}),
+        Quantize.from_config({"epochs": 0, "w_bits": 2}),
+        EarlyExit.from_config({"epochs": 0, "threshold_mode": "fixed"}),
+    ):
         ctx.records.append(stage.run(module, ctx))
     teacher = module.net
     record = Distill.from_config({"epochs": 1, "width_mult": 0.5}).run(module, ctx)
     student = module.net
     assert student is not teacher and isinstance(student, ExitNet)
     assert student.points == teacher.points == [0, 1]
-    assert record["transferred"] == ["early_exit", "quantize"] and record["dropped"] == ["prune"]
-    inner = [m for n, m in student.named_modules() if isinstance(m, QuantConv2d) and "stem" not in n
-             and "exits" not in n]  # fmt: skip
+    assert record.transferred == ["early_exit", "quantize"]
+    assert record.dropped == ["prune"]
+    inner = [
+        m
+        for n, m in student.named_modules()
+        if isinstance(m, QuantConv2d) and "stem" not in n and "exits" not in n
+    ]
     assert inner and all(m.weight_bits == 2 for m in inner)
-    assert record["model"]["width_mult"] == pytest.approx(0.25)
+    assert record.model["width_mult"] == pytest.approx(0.25)
     assert not module.loss_terms and module.task_weight == 1.0
 
 

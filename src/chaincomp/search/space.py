@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import optuna
@@ -64,10 +64,16 @@ class Param:
         if self.type == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         if self.type == "int":
-            return trial.suggest_int(self.name, int(self.low), int(self.high),
-                                     step=int(self.step_size or 1), log=self.log)  # fmt: skip
-        return trial.suggest_float(self.name, float(self.low), float(self.high),
-                                   step=self.step_size, log=self.log)  # fmt: skip
+            return trial.suggest_int(
+                self.name,
+                int(self.low),
+                int(self.high),
+                step=int(self.step_size or 1),
+                log=self.log,
+            )
+        return trial.suggest_float(
+            self.name, float(self.low), float(self.high), step=self.step_size, log=self.log
+        )
 
 
 def _param(step: str, stage: str, key: str, spec: Mapping[str, Any]) -> Param:
@@ -77,7 +83,11 @@ def _param(step: str, stage: str, key: str, spec: Mapping[str, Any]) -> Param:
         raise ConfigError(f"{where}.type", f"unknown {kind!r}", PARAM_TYPES)
     unknown = sorted(set(spec) - {"type", "low", "high", "step", "log", "choices"})
     if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", "unknown key", ["type", "low", "high", "step", "log", "choices"])  # fmt: skip
+        raise ConfigError(
+            f"{where}.{unknown[0]}",
+            "unknown key",
+            ["type", "low", "high", "step", "log", "choices"],
+        )
     if kind == "categorical":
         choices = tuple(spec.get("choices") or ())
         if not choices:
@@ -87,6 +97,28 @@ def _param(step: str, stage: str, key: str, spec: Mapping[str, Any]) -> Param:
     if low is None or high is None or not low <= high:
         raise ConfigError(f"{where}", f"bad range low={low!r} high={high!r}", "low <= high")
     return Param(step, stage, key, kind, low, high, spec.get("step"), bool(spec.get("log", False)))
+
+
+def _check_param(p: Param, settings: Mapping[str, Any]) -> None:
+    """A searched key must be a setting of its stage, and the ends of its range (or each of its
+    choices) valid values of it; otherwise every trial that suggests it would fail."""
+    where = f"chain.steps.{p.step}.search.{p.key}"
+    cls = stage_class(p.stage).Settings
+    known = sorted(f.name for f in fields(cls) if f.name != "prefix")
+    if p.key not in known:
+        raise ConfigError(where, f"{p.stage} has no setting {p.key!r}", known)
+    values = list(p.choices) if p.type == "categorical" else [p.low, p.high]
+    if p.type == "int":
+        values = [int(v) for v in values]
+    for value in values:
+        try:
+            cls.from_dict({**settings, p.key: value}, f"chain.steps.{p.step}.settings")
+        except ConfigError as exc:
+            if exc.key != f"chain.steps.{p.step}.settings.{p.key}":
+                raise  # the step's own settings are wrong: that error names them
+            raise ConfigError(
+                where, f"value {value!r} is invalid ({exc.problem})", exc.allowed
+            ) from None
 
 
 def enumerate_orders(
@@ -119,8 +151,13 @@ class SearchSpace:
         return ["order", *(p.name for ps in self.params.values() for p in ps)]
 
 
-def build_space(catalogue: Mapping[str, Any], stages: Sequence[str], orders: Sequence[str] | None,
-                subsets: bool, min_stages: int) -> SearchSpace:  # fmt: skip
+def build_space(
+    catalogue: Mapping[str, Any],
+    stages: Sequence[str],
+    orders: Sequence[str] | None,
+    subsets: bool,
+    min_stages: int,
+) -> SearchSpace:
     """Validate the study's stages against the chain catalogue and collect the parameters.
 
     Step names must be single characters (orders are strings of them) and name distinct
@@ -134,21 +171,33 @@ def build_space(catalogue: Mapping[str, Any], stages: Sequence[str], orders: Seq
         if step not in catalogue:
             raise ConfigError("search.stages", f"unknown step {step!r}", sorted(catalogue))
         if len(step) != 1:
-            raise ConfigError("search.stages", f"step name {step!r} is not one character", "D, P, Q, E, ...")  # fmt: skip
+            raise ConfigError(
+                "search.stages", f"step name {step!r} is not one character", "D, P, Q, E, ..."
+            )
         entry = catalogue[step] or {}
         stage = stage_class(str(entry.get("stage", step)), f"chain.steps.{step}.stage").name
         if stage in seen:
-            raise ConfigError("search.stages", f"steps {seen[stage]!r} and {step!r} are both {stage}", "one step per stage")  # fmt: skip
+            raise ConfigError(
+                "search.stages",
+                f"steps {seen[stage]!r} and {step!r} are both {stage}",
+                "one step per stage",
+            )
         seen[stage] = step
         params[step] = tuple(
             _param(step, stage, k, v) for k, v in (entry.get("search") or {}).items()
         )
+        for p in params[step]:
+            _check_param(p, entry.get("settings") or {})
     if orders:
         bad = [
             o for o in orders if not o or any(c not in stages for c in o) or len(set(o)) != len(o)
         ]
         if bad:
-            raise ConfigError("search.orders", f"invalid order {bad[0]!r}", f"strings of distinct steps from {list(stages)}")  # fmt: skip
+            raise ConfigError(
+                "search.orders",
+                f"invalid order {bad[0]!r}",
+                f"strings of distinct steps from {list(stages)}",
+            )
         all_orders = [str(o) for o in orders]
     else:
         if not 1 <= min_stages <= len(stages):
