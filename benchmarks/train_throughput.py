@@ -1,49 +1,75 @@
 """Training throughput: chaincomp's path (Hydra config -> ChainDataModule -> CompressibleModule ->
-Lightning Trainer) against a plain PyTorch loop on the same model, data, augmentation, batch size
-and precision, in one run. Prints images/s of each and their ratio (framework / plain), then the
-framework path again with the quantize stage's fake quantization in place (w4/a4, QAT) and the
-QAT overhead (float images/s / QAT images/s; the target is <= 1.5x).
+Lightning Trainer) against a plain PyTorch loop on the same model, data, augmentation, batch size,
+precision and device, in one run. Prints images/s of each and their ratio (framework / plain),
+then the framework path again with the quantize stage's fake quantization in place (its settings,
+``chain.steps.Q.settings``: w4/a4, per-channel weights, LSQ activation steps) and the QAT
+overhead (float images/s / QAT images/s; the target is <= 1.5x), then the same pair with early-exit
+heads attached (``chain.steps.E.settings``: points, head, width; training runs every head) and
+its QAT overhead.
 
     python benchmarks/train_throughput.py                       # CPU default: fashion_mnist, resnet10
     python benchmarks/train_throughput.py data=cifar10 model=resnet18 data.batch_size=512 \
         --epochs 3                                              # the GPU reference setting
 
-Any chaincomp override works as a positional argument. The first epoch of each path is warm-up
-(allocator, cuDNN autotuning) and is not timed.
+Any chaincomp override works as a positional argument (``trainer=cpu`` measures on the CPU of a
+GPU machine). The device is chosen once, from the trainer config, before anything trains; every
+path records the device its parameters and batches were on, and the run fails if one differs.
+The first epoch of each path is warm-up (allocator, cuDNN autotuning) and is not timed.
+``run(overrides, epochs, steps)`` does the work and returns the numbers (tests reuse it).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
 from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
 
-from chaincomp.cli import config_dir
 from chaincomp.data.loader import Augment
+from chaincomp.layers.exits import attach_exits, backbone_of
 from chaincomp.pipeline import build_data, build_module, trainer_config
-from chaincomp.utils import seed_everything
+from chaincomp.stages.base import StageSettings
+from chaincomp.stages.early_exit import EarlyExitSettings
+from chaincomp.stages.quantize import QuantizeSettings, quantize_module
+from chaincomp.utils import config_dir, seed_everything
+
+CPU_DEFAULTS = ("data=fashion_mnist", "model=resnet10")
+CPU_STEPS = 60  # batches per epoch on CPU unless --steps says otherwise
+PLAIN_PRECISIONS = ("32-true", "32", "bf16-mixed")  # what the plain loop reproduces
+EXIT_TRAIN = ("joint", "frozen")
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
 
 
 class EpochTimer(pl.Callback):
-    """Wall time and images of every training epoch but the first."""
+    """Wall time and images of every training epoch but the first, and the devices training
+    really ran on: the trainer's root device, the parameters' and every batch's device."""
 
     def __init__(self) -> None:
         self.seconds, self.images, self._start, self._n = 0.0, 0, 0.0, 0
+        self.devices: set[str] = set()
+
+    def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        self.devices.add(str(trainer.strategy.root_device))
 
     def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
         _sync(pl_module.device)
         self._start, self._n = time.perf_counter(), 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if batch_idx == 0:  # once per epoch: no per-step cost in the timed loop
+            self.devices.add(str(next(pl_module.parameters()).device))
+            self.devices.add(str(batch[0].device))
         self._n += len(batch[0])
 
     def on_train_epoch_end(self, trainer, pl_module):  # type: ignore[no-untyped-def]
@@ -51,6 +77,13 @@ class EpochTimer(pl.Callback):
         if trainer.current_epoch > 0:
             self.seconds += time.perf_counter() - self._start
             self.images += self._n
+
+
+class FreezeBackbone(pl.Callback):
+    """What the early_exit stage does with ``train: frozen``: backbone BN in eval mode."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+        pl_module.net.backbone.eval()
 
 
 def plain_loop(
@@ -61,8 +94,9 @@ def plain_loop(
     device: torch.device,
     bf16: bool,
     channels_last: bool,
-) -> float:  # type: ignore[no-untyped-def]
-    """A hand-written loop: same tensors on the device, same augmentation, SGD + cosine."""
+) -> tuple[float, set[str]]:  # type: ignore[no-untyped-def]
+    """A hand-written loop: same tensors on the device, same augmentation, SGD + cosine.
+    Returns images/s and the devices its parameters and batches were on."""
     net = module.net.to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -77,6 +111,7 @@ def plain_loop(
     opt, sched = module.optim_cfg.build(net.parameters(), n_batches * epochs)
     gen = torch.Generator(device=device).manual_seed(0)
     seconds, images = 0.0, 0
+    devices = {str(next(net.parameters()).device)}
     for epoch in range(epochs):
         _sync(device)
         start = time.perf_counter()
@@ -89,6 +124,8 @@ def plain_loop(
             x = (x - mean) / std
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if i == 0:
+                devices.add(str(x.device))
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = torch.nn.functional.cross_entropy(net(x).float(), y_all[idx])
             opt.zero_grad(set_to_none=True)
@@ -99,7 +136,199 @@ def plain_loop(
         if epoch > 0:
             seconds += time.perf_counter() - start
             images += n_batches * bs
-    return images / seconds
+    devices.add(str(next(net.parameters()).device))
+    return images / seconds, devices
+
+
+def _compose(overrides: Sequence[str]) -> DictConfig:
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def _settings(cfg: DictConfig, step: str, cls: type[StageSettings]) -> Any:
+    """The settings of catalogue step ``step`` (``chain.steps.<step>.settings``), validated."""
+    node = OmegaConf.select(cfg, f"chain.steps.{step}.settings")
+    values = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    return cls.from_dict(values, f"chain.steps.{step}.settings")
+
+
+def _trained_on(path: str, devices: set[str], chosen: torch.device) -> str:
+    """The one device ``path`` trained on; fails loudly unless it is the chosen one."""
+    if devices != {str(chosen)}:
+        raise RuntimeError(
+            f"{path} trained on {sorted(devices)}, not on the device chosen before fitting "
+            f"({chosen}): its images/s would not compare with the other paths"
+        )
+    return str(chosen)
+
+
+def run(
+    overrides: Sequence[str] = (),
+    epochs: int = 3,
+    steps: int | None = None,
+    qat: bool = True,
+    exits: bool = True,
+    exit_train: str = "joint",
+) -> dict[str, Any]:
+    """Train every path once and return the numbers.
+
+    ``steps``: batches per epoch (None = 60 on CPU, all on CUDA; 0 = all). ``exit_train``:
+    joint (every parameter trains, like the QAT line) | frozen (heads only, backbone BN in eval:
+    what the early_exit step itself does). Returns ``device`` (chosen from the trainer config
+    before any fit), ``trained_on`` (path -> the device it really trained on, all equal to
+    ``device``), ``images_per_s`` (path -> images/s), ``ratio``, ``qat_overhead``,
+    ``exits_qat_overhead``, the settings used, and ``modules`` / ``exit_heads_before`` (the
+    trained modules with exit heads and their heads' state before training).
+    """
+    if epochs < 2:
+        raise ValueError("epochs must be >= 2 (the first one is warm-up)")
+    if exit_train not in EXIT_TRAIN:
+        raise ValueError(f"exit_train must be one of {EXIT_TRAIN}, not {exit_train!r}")
+    quiet = ["tracking.enabled=false", "trainer.enable_progress_bar=false"]
+    tcfg = trainer_config(_compose([*overrides, *quiet]))
+    # the device, once, before anything trains (Lightning moves modules back to the CPU after fit)
+    cuda = tcfg.uses_cuda
+    if cuda and tcfg.devices != 1:
+        raise ValueError("the benchmark runs on one device: trainer.devices=1")
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if steps is None:
+        steps = None if cuda else CPU_STEPS
+    elif steps == 0:
+        steps = None
+    full = [*(() if cuda else CPU_DEFAULTS), *overrides, *quiet]
+    if steps is not None:
+        full.append(f"trainer.limit_train_batches={steps}")
+    full.append("trainer.check_val_every_n_epoch=1000")  # time training only
+    cfg = _compose(full)
+    tcfg = trainer_config(cfg)
+    precision = tcfg.resolved_precision()
+    if precision not in PLAIN_PRECISIONS:
+        raise ValueError(f"the plain loop reproduces precision {PLAIN_PRECISIONS}, not {precision}")
+    qs = _settings(cfg, "Q", QuantizeSettings)
+    es = _settings(cfg, "E", EarlyExitSettings)
+    seed_everything(int(cfg.get("seed", 0)))
+    dm = build_data(cfg)
+    if dm.task.name != "classify":
+        raise ValueError("the plain loop is written for data.task=classify")
+    initial = build_module(cfg, dm)
+    channels_last = tcfg.channels_last and cuda
+
+    images_per_s: dict[str, float] = {}
+    trained_on: dict[str, str] = {}
+    modules: dict[str, Any] = {}
+    heads_before: dict[str, dict[str, torch.Tensor]] = {}
+
+    def framework(path: str, module: Any, callbacks: Sequence[pl.Callback] = ()) -> None:
+        timer = EpochTimer()
+        trainer = tcfg.make([timer, *callbacks], max_epochs=epochs)
+        trainer.fit(module, datamodule=dm)
+        trained_on[path] = _trained_on(path, timer.devices, device)
+        images_per_s[path] = timer.images / timer.seconds
+
+    framework("framework", copy.deepcopy(initial))
+    plain, plain_devices = plain_loop(
+        copy.deepcopy(initial),
+        dm,
+        epochs,
+        steps,
+        device,
+        precision.startswith("bf16"),
+        channels_last,
+    )
+    trained_on["plain"] = _trained_on("plain", plain_devices, device)
+    images_per_s["plain"] = plain
+
+    if qat:
+        module = copy.deepcopy(initial).to(device)
+        quantize_module(module, dm, qs)
+        framework("qat", module)
+
+    points: list[int] = []
+    if exits:
+        backbone = backbone_of(initial.net)
+        points = list(es.points) if es.points is not None else list(range(len(backbone.stages) - 1))
+        for path in ("exits", "exits_qat") if qat else ("exits",):
+            module = copy.deepcopy(initial).to(device)
+            torch.manual_seed(1)  # the same heads for both variants
+            net = attach_exits(
+                module, points, es.head, es.head_width, dm.example_input(1), es.exit_weight
+            )
+            callbacks: list[pl.Callback] = []
+            if exit_train == "frozen":
+                for p in net.backbone.parameters():
+                    p.requires_grad_(False)
+                callbacks.append(FreezeBackbone())
+            if path == "exits_qat":
+                quantize_module(module, dm, qs)
+            heads_before[path] = {
+                k: v.detach().cpu().clone() for k, v in net.exits.state_dict().items()
+            }
+            framework(path, module, callbacks)
+            modules[path] = module
+
+    ips = images_per_s
+    name = (
+        torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    )
+    return {
+        "device": str(device),
+        "device_name": name,
+        "data": str(cfg.data.name),
+        "model": str(cfg.model.name),
+        "batch_size": dm.cfg.batch_size,
+        "precision": precision,
+        "epochs": epochs,
+        "steps": steps,
+        "quantize": qs,
+        "exit_points": points,
+        "exit_head": es.head,
+        "exit_head_width": es.head_width,
+        "exit_train": exit_train,
+        "trained_on": trained_on,
+        "images_per_s": ips,
+        "ratio": ips["framework"] / ips["plain"],
+        "qat_overhead": ips["framework"] / ips["qat"] if "qat" in ips else math.nan,
+        "exits_qat_overhead": ips["exits"] / ips["exits_qat"] if "exits_qat" in ips else math.nan,
+        "modules": modules,
+        "exit_heads_before": heads_before,
+    }
+
+
+def report(r: dict[str, Any]) -> str:
+    """The printed lines (stable labels: grep for them)."""
+    ips = r["images_per_s"]
+    q: QuantizeSettings = r["quantize"]
+    qat = f"QAT w{q.w_bits}/a{q.a_bits}"
+    steps = "all" if r["steps"] is None else r["steps"]
+    lines = [
+        f"device: {r['device_name']}; data={r['data']} model={r['model']} "
+        f"batch={r['batch_size']} precision={r['precision']} epochs={r['epochs']} "
+        f"(first is warm-up) steps/epoch={steps}",
+        "trained on: " + " ".join(f"{k}={v}" for k, v in r["trained_on"].items()),
+        f"framework (Lightning) : {ips['framework']:10.0f} images/s",
+        f"plain PyTorch loop    : {ips['plain']:10.0f} images/s",
+        f"ratio framework/plain : {r['ratio']:10.3f}",
+    ]
+    if "qat" in ips:
+        lines += [
+            f"quantize: w{q.w_bits}/a{q.a_bits}, per-channel weights, "
+            f"{'LSQ' if q.learn_scale else 'fixed'} activation steps, first/last layers "
+            f"{q.first_bits}/{q.last_bits} bits, {q.calibration} calibration",
+            f"framework + {qat} : {ips['qat']:10.0f} images/s",
+            f"QAT overhead float/QAT: {r['qat_overhead']:10.3f}",
+        ]
+    if "exits" in ips:
+        lines += [
+            f"exit heads: points={r['exit_points']} head={r['exit_head']} "
+            f"width={r['exit_head_width']} train={r['exit_train']} (training runs every head)",
+            f"framework + exits     : {ips['exits']:10.0f} images/s",
+        ]
+    if "exits_qat" in ips:
+        lines += [
+            f"exits + {qat}     : {ips['exits_qat']:10.0f} images/s",
+            f"QAT overhead w/ exits : {r['exits_qat_overhead']:10.3f}",
+        ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -110,72 +339,31 @@ def main() -> None:
         "--epochs", type=int, default=3, help="epochs per path (the first is warm-up)"
     )
     parser.add_argument(
-        "--steps", type=int, default=None, help="cap on batches per epoch (default: 60 on CPU)"
+        "--steps",
+        type=int,
+        default=None,
+        help=f"cap on batches per epoch (default: {CPU_STEPS} on CPU, all on CUDA; 0 = all)",
     )
-    parser.add_argument("--no-qat", action="store_true", help="skip the QAT measurement")
+    parser.add_argument("--no-qat", action="store_true", help="skip the QAT measurements")
+    parser.add_argument("--no-exits", action="store_true", help="skip the early-exit measurements")
+    parser.add_argument(
+        "--exit-train",
+        choices=EXIT_TRAIN,
+        default="joint",
+        help="joint: every parameter trains (as in the QAT line); frozen: heads only, as the "
+        "early_exit step trains them",
+    )
     parser.add_argument("overrides", nargs="*", help="chaincomp config overrides")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    defaults = [] if cuda else ["data=fashion_mnist", "model=resnet10"]
-    steps = args.steps if args.steps is not None else (None if cuda else 60)
-    overrides = [
-        *defaults,
-        *args.overrides,
-        "tracking.enabled=false",
-        "trainer.enable_progress_bar=false",
-    ]
-    if steps is not None:
-        overrides.append(f"trainer.limit_train_batches={steps}")
-    overrides.append("trainer.check_val_every_n_epoch=1000")  # time training only
-    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    tcfg = trainer_config(cfg)
-    seed_everything(0)
-    dm = build_data(cfg)
-    module = build_module(cfg, dm)
-    if dm.task.name != "classify":
-        raise SystemExit("the plain loop is written for data.task=classify")
-    plain_module = copy.deepcopy(module)
-    qat_module = copy.deepcopy(module)
-    timer = EpochTimer()
-    trainer = tcfg.make([timer], max_epochs=args.epochs)
-    trainer.fit(module, datamodule=dm)
-    framework = timer.images / timer.seconds
-    device = module.device
-    precision = tcfg.resolved_precision()
-    plain = plain_loop(
-        plain_module,
-        dm,
+    r = run(
+        args.overrides,
         args.epochs,
-        steps,
-        device,
-        precision.startswith("bf16"),
-        tcfg.channels_last and device.type == "cuda",
+        args.steps,
+        qat=not args.no_qat,
+        exits=not args.no_exits,
+        exit_train=args.exit_train,
     )
-    name = (
-        torch.cuda.get_device_name()
-        if device.type == "cuda"
-        else f"CPU ({torch.get_num_threads()} threads)"
-    )
-    print(
-        f"device: {name}; data={cfg.data.name} model={cfg.model.name} batch={dm.cfg.batch_size} precision={precision}"
-    )
-    print(f"framework (Lightning) : {framework:10.0f} images/s")
-    print(f"plain PyTorch loop    : {plain:10.0f} images/s")
-    print(f"ratio framework/plain : {framework / plain:10.3f}")
-    if args.no_qat:
-        return
-    from chaincomp.stages.quantize import QuantizeSettings, quantize_module
-
-    qat_module.to(device)
-    settings = QuantizeSettings(w_bits=4, a_bits=4, learn_scale=True, calib_batches=2)
-    quantize_module(qat_module, dm, settings)
-    timer = EpochTimer()
-    trainer = tcfg.make([timer], max_epochs=args.epochs)
-    trainer.fit(qat_module, datamodule=dm)
-    qat = timer.images / timer.seconds
-    print(f"framework + QAT w4/a4 : {qat:10.0f} images/s")
-    print(f"QAT overhead float/QAT: {framework / qat:10.3f}")
+    print(report(r))
 
 
 if __name__ == "__main__":
