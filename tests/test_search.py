@@ -651,3 +651,22 @@ def test_cost_objective_is_the_fewest_bitops_within_the_metric_loss(tmp_path: Pa
     assert base - p.user_attrs["val_metric"] <= 15, (base, p.user_attrs["val_metric"])
     front = summary["front"]
     assert [r["trial"] for r in front] == [p.number]  # the cheapest feasible trial, alone
+
+
+def test_non_dominated_keeps_exactly_the_front() -> None:
+    from optuna.distributions import FloatDistribution
+    from optuna.study import StudyDirection
+    from optuna.trial import create_trial
+
+    from chaincomp.search.study import non_dominated
+
+    def t(acc: float, bitops: float) -> optuna.trial.FrozenTrial:
+        return create_trial(
+            values=[acc, bitops], params={"x": 0.0}, distributions={"x": FloatDistribution(0, 1)}
+        )
+
+    trials = [t(90, 100), t(85, 50), t(80, 60), t(90, 100), t(95, 200), t(70, 200)]
+    dirs = [StudyDirection.MAXIMIZE, StudyDirection.MINIMIZE]
+    kept = [(x.values[0], x.values[1]) for x in non_dominated(trials, dirs)]
+    # (80, 60) is dominated by (85, 50); (70, 200) by everything; equal points both stay
+    assert kept == [(90, 100), (85, 50), (90, 100), (95, 200)]

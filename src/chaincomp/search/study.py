@@ -217,21 +217,44 @@ class StaleHandler:
             study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
 
 
-def reap_stale(study: optuna.Study, handler: StaleHandler) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host is gone; returns their numbers."""
+def reap_stale(
+    study: optuna.Study, storage: optuna.storages.BaseStorage, handler: StaleHandler
+) -> list[int]:
+    """Fail RUNNING trials whose worker process on this host is gone; returns their numbers.
+
+    Uses the public storage API (trial ids looked up by study name and trial number)."""
     reaped = []
+    study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
         if host != HOST or pid is None or pid == os.getpid() or _alive(int(pid)):
             continue
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
-            study._storage.set_trial_user_attr(t._trial_id, "fail_reason", f"worker pid {pid} died")
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            storage.set_trial_user_attr(trial_id, "fail_reason", f"worker pid {pid} died")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker reaped it first
-        handler(study, study._storage.get_trial(t._trial_id))
+        handler(study, storage.get_trial(trial_id))
         reaped.append(t.number)
     return reaped
+
+
+def non_dominated(
+    trials: list[optuna.trial.FrozenTrial], directions: list[optuna.study.StudyDirection]
+) -> list[optuna.trial.FrozenTrial]:
+    """The trials no other trial dominates (at least as good in every objective, better in one);
+    of trials with equal values, every one is kept."""
+    sign = [1.0 if d == optuna.study.StudyDirection.MAXIMIZE else -1.0 for d in directions]
+
+    def key(t: optuna.trial.FrozenTrial) -> list[float]:
+        return [s * v for s, v in zip(sign, t.values, strict=True)]
+
+    def dominates(a: list[float], b: list[float]) -> bool:
+        return all(x >= y for x, y in zip(a, b, strict=True)) and a != b
+
+    keys = [key(t) for t in trials]
+    return [t for t, k in zip(trials, keys, strict=True) if not any(dominates(o, k) for o in keys)]
 
 
 def counted(study: optuna.Study) -> int:
@@ -350,9 +373,7 @@ def front_rows(study: optuna.Study, scfg: SearchConfig) -> list[dict[str, Any]]:
     if not feasible:
         return []
     if scfg.objective == "pareto":
-        from optuna.study import _multi_objective
-
-        front = _multi_objective._get_pareto_front_trials_by_trials(feasible, study.directions)
+        front = non_dominated(feasible, study.directions)
     else:
         reverse = study.direction == optuna.study.StudyDirection.MAXIMIZE
         front = sorted(feasible, key=lambda t: t.value, reverse=reverse)[:10]  # type: ignore[arg-type, return-value]
@@ -498,7 +519,7 @@ def work(
         _progress(study, scfg, trial, rows)
 
     while True:
-        reap_stale(study, handler)
+        reap_stale(study, storage, handler)
         if counted(study) >= limit or (deadline and time.time() > deadline):
             break
         study.optimize(
