@@ -922,21 +922,7 @@ def write_report(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -
         elif study == "headline":
             chain = next((c for c in best if c.order == PAPER_ORDER), best[-1])
             srows = [r for r in steps if r["run_id"] == chain.run_id]
-            keys = (
-                "k",
-                "step",
-                "val_metric",
-                "test_metric",
-                "val_delta",
-                "test_delta",
-                "val_bitops_ratio",
-                "test_bitops_ratio",
-                "val_bitops",
-                "bitops",
-                "macs",
-                "params",
-                "size_mb",
-            )
+            keys = tuple(k for k in STEP_KEYS if k not in ("chain", "kept", "run_id"))
             write_csv(out / "steps.csv", srows, STEP_KEYS)
             ratio = _ratio(chain.base.bitops, chain.last.bitops)
             delta = chain.last.test_metric - chain.base.test_metric

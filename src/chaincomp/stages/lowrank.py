@@ -119,11 +119,6 @@ def factorize(conv: nn.Conv2d, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
-def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, attr, new)
-
-
 class LowRank(Stage[LowRankSettings, LowRankRecord]):
     """Factor every eligible convolution by truncated SVD, then fine-tune."""
 
@@ -150,7 +145,7 @@ class LowRank(Stage[LowRankSettings, LowRankRecord]):
             rank = choose_rank(torch.linalg.svdvals(w), s)
             if rank >= break_even_rank(m):
                 continue  # the pair would cost more than the layer
-            _set_module(net, name, factorize(m, rank))
+            net.set_submodule(name, factorize(m, rank))
             ranks[name] = rank
             full.append(min(w.shape))
         ctx.extended(module, [f"{n}.{i}" for n in ranks for i in (0, 1)])
@@ -168,4 +163,4 @@ class LowRank(Stage[LowRankSettings, LowRankRecord]):
         for name, rank in record.ranks.items():
             conv = module.net.get_submodule(name)
             assert isinstance(conv, nn.Conv2d)
-            _set_module(module.net, name, factor_pair(conv, rank))
+            module.net.set_submodule(name, factor_pair(conv, rank))
