@@ -19,6 +19,7 @@ from torch import nn
 
 from chaincomp.models import build_model
 from chaincomp.module import CompressibleModule
+from chaincomp.pipeline import save_weights
 from chaincomp.stages import ReplayInfo, record_from_json, stage_class
 from chaincomp.utils import atomic_write
 
@@ -77,9 +78,7 @@ def load_chain(path: str | Path, module: CompressibleModule) -> CompressibleModu
 
 def save_chain(path: Path, entry: dict[str, Any], net: nn.Module) -> None:
     """``entry.json`` + ``weights.pt`` (atomically) — what :func:`load_chain` reads."""
-    path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    atomic_write(path / "weights.pt", lambda p: torch.save(state, p))
+    save_weights(net, path / "weights.pt")
     atomic_write(
         path / "entry.json",
         lambda p: Path(p).write_text(json.dumps(entry, indent=1, default=float)),

@@ -159,6 +159,18 @@ class _QuantMixin:
     act_bits: int
     act_quant: ActQuantizer
 
+    def __init__(
+        self,
+        *args: Any,
+        weight_bits: int = 8,
+        act_bits: int = 8,
+        learn_scale: bool = False,
+        **kwargs: Any,
+    ):
+        """The layer's own arguments (``nn.Conv2d`` / ``nn.Linear``), then the quantizer's."""
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self._setup_quant(weight_bits, act_bits, learn_scale)
+
     def _setup_quant(self, weight_bits: int, act_bits: int, learn_scale: bool) -> None:
         self.weight_bits = weight_bits
         self.act_bits = act_bits
@@ -177,17 +189,6 @@ class _QuantMixin:
 
 class QuantConv2d(_QuantMixin, nn.Conv2d):
     """``nn.Conv2d`` whose input and weight are fake-quantized (see the module docstring)."""
-
-    def __init__(
-        self,
-        *args: Any,
-        weight_bits: int = 8,
-        act_bits: int = 8,
-        learn_scale: bool = False,
-        **kwargs: Any,
-    ):
-        super().__init__(*args, **kwargs)
-        self._setup_quant(weight_bits, act_bits, learn_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.act_quant(x), self.effective_weight(), self.bias)
@@ -217,17 +218,6 @@ class QuantConv2d(_QuantMixin, nn.Conv2d):
 
 class QuantLinear(_QuantMixin, nn.Linear):
     """``nn.Linear`` whose input and weight are fake-quantized (see the module docstring)."""
-
-    def __init__(
-        self,
-        *args: Any,
-        weight_bits: int = 8,
-        act_bits: int = 8,
-        learn_scale: bool = False,
-        **kwargs: Any,
-    ):
-        super().__init__(*args, **kwargs)
-        self._setup_quant(weight_bits, act_bits, learn_scale)
 
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(self.act_quant(x), self.effective_weight(), self.bias)
