@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -12,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from chaincomp.chain import CacheStats, chain_spec, load_chain, prefix_keys, run_chain
+from chaincomp.chain import (
+    CacheStats,
+    ChainResult,
+    chain_spec,
+    load_chain,
+    prefix_keys,
+    run_chain,
+)
 from chaincomp.cost import count_cost
 from chaincomp.errors import ConfigError
 from chaincomp.pipeline import build_data, build_module, measure
@@ -80,41 +88,26 @@ def test_prefix_keys_depend_on_content_not_names(tmp_path: Path) -> None:
 def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, "chain.order=[P,Q,E]", "chain.steps.E.settings.max_loss=3.0")
     stats = CacheStats()
-    summary = run_chain(cfg, tmp_path / "run1", stats=stats)
+    result = run_chain(cfg, tmp_path / "run1", stats=stats)
     assert stats.executed == 3 and stats.baselines_trained == 1
-    assert summary["order"] == ["P", "Q", "E"]
-    assert [s["name"] for s in summary["stages"]] == ["P", "Q", "E"]
-    for key in (
-        "task",
-        "metric_name",
-        "val_metric",
-        "test_metric",
-        "macs",
-        "bitops",
-        "params",
-        "mlflow_run_id",
-        "bitops_ratio",
-        "metric_delta",
-        "baseline",
-        "stages",
-    ):
-        assert key in summary
-    base = summary["baseline"]
-    assert summary["bitops_ratio"] == pytest.approx(base["bitops"] / summary["bitops"])
-    assert summary["metric_delta"] == pytest.approx(summary["test_metric"] - base["test_metric"])
-    assert summary["bitops_ratio"] > 64  # 4/4-bit inner layers after pruning
-    on_disk = json.loads((tmp_path / "run1" / "summary.json").read_text())
-    assert on_disk["stages"][2]["bitops"] == summary["bitops"]
+    assert result.order == ("P", "Q", "E") and result.letters == "PQE"
+    assert [s.name for s in result.steps] == ["baseline", "P", "Q", "E"]
+    assert [s.stage for s in result.steps[1:]] == ["prune", "quantize", "early_exit"]
+    assert result.task == "classify" and result.higher_is_better
+    assert [r["stage"] for r in result.records][:3] == ["prune", "quantize", "early_exit"]
+    assert result.bitops_ratio > 64  # 4/4-bit inner layers after pruning
+    # summary.json is the whole result: read back, it equals what run_chain returned
+    assert ChainResult.load(tmp_path / "run1" / "summary.json") == result
 
     # the same chain again: nothing is executed, every step comes from the cache
     stats2 = CacheStats()
     again = run_chain(cfg, tmp_path / "run2", stats=stats2)
     assert stats2.executed == 0 and stats2.reused == 3 and stats2.baselines_trained == 0
-    assert all(s["cached"] for s in again["stages"])
+    assert all(s.cached for s in again.steps)
 
     # replay from the saved chain: identical outputs, and the replayed net *re-measured* (a
     # fresh evaluation and cost count, not the stored numbers) gives the stored last row
-    module = summary["module"]
+    module = result.module
     dm = build_data(cfg)
     fresh = load_chain(tmp_path / "run1" / "chain", build_module(cfg, dm))
     x, _ = next(iter(dm.loader("test", "cpu")))
@@ -124,23 +117,23 @@ def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:
         assert torch.equal(module(x), fresh(x))
     row = measure(fresh, dm)
     for key in ("val_metric", "test_metric", "bitops", "val_bitops", "macs", "params"):
-        assert row[key] == again["stages"][-1][key] == summary["stages"][-1][key], key
+        assert row[key] == getattr(again.last, key) == getattr(result.last, key), key
     # the ratio against an independent count: the baseline net rebuilt and counted afresh
     base_net = build_module(cfg, dm).net
     base_bitops = count_cost(base_net, dm.example_input(1)).bitops
-    assert summary["bitops_ratio"] == pytest.approx(base_bitops / row["bitops"], rel=1e-12)
+    assert result.bitops_ratio == pytest.approx(base_bitops / row["bitops"], rel=1e-12)
 
 
 def _orders_execution_count(
     tmp_path: Path, letters: str, *overrides: str
-) -> tuple[int, int, list[dict]]:
+) -> tuple[int, int, list[ChainResult]]:
     stats = CacheStats()
     summaries = []
     for i, order in enumerate(itertools.permutations(letters)):
         cfg = _cfg(tmp_path, *overrides, f"chain.order=[{','.join(order)}]")
-        s = run_chain(cfg, tmp_path / f"o{i}", stats=stats)
-        s.pop("module")
-        summaries.append(s)
+        summaries.append(
+            dataclasses.replace(run_chain(cfg, tmp_path / f"o{i}", stats=stats), module=None)
+        )
     return stats.executed, stats.baselines_trained, summaries
 
 
@@ -148,7 +141,7 @@ def test_prefix_cache_runs_each_distinct_prefix_once(tmp_path: Path) -> None:
     # 6 orders of {P, Q, E}: 18 stage steps, 3 + 6 + 6 = 15 distinct prefixes
     executed, baselines, summaries = _orders_execution_count(tmp_path, "PQE")
     assert executed == 15 and baselines == 1
-    assert all(s["bitops_ratio"] > 1 for s in summaries)
+    assert all(s.bitops_ratio > 1 for s in summaries)
 
 
 @pytest.mark.slow
@@ -158,9 +151,9 @@ def test_all_24_orders_on_digits(tmp_path: Path) -> None:
     # quarter-width 4-bit student is the order effect the study is about
     executed, baselines, summaries = _orders_execution_count(tmp_path, "DPQE", *SLOW)
     assert executed == 64 and baselines == 1
-    assert len({s["letters"] for s in summaries}) == 24
+    assert len({s.letters for s in summaries}) == 24
     for s in summaries:
-        assert s["bitops_ratio"] > 50 and s["test_metric"] > 50, (s["letters"], s["test_metric"])
+        assert s.bitops_ratio > 50 and s.last.test_metric > 50, (s.letters, s.last.test_metric)
 
 
 def test_cli_run_writes_summary_and_prints_table(tmp_path: Path) -> None:

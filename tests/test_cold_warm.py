@@ -20,13 +20,12 @@ import torch
 
 from chaincomp.chain import CACHE_FORMAT, CacheStats, chain_spec, load_chain, prefix_keys, run_chain
 from chaincomp.chain.cache import PrefixCache
+from chaincomp.chain.result import METRIC_KEYS, ChainResult
 from chaincomp.module import CompressibleModule
 from chaincomp.pipeline import build_data, build_module, save_weights
 
 from .conftest import compose_cfg
 from .test_chain import FAST
-
-ROW_KEYS = ("val_metric", "test_metric", "macs", "bitops", "val_bitops", "params", "size_mb")
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def baseline_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The digits baseline of FAST, trained once and loaded by every chain here."""
     out = tmp_path_factory.mktemp("baseline")
     summary = run_chain(compose_cfg(*FAST, "chain.order=[]", "chain.cache_dir=null"), out)
-    return save_weights(summary["module"].net, out / "baseline.pt")
+    return save_weights(summary.module.net, out / "baseline.pt")
 
 
 @pytest.fixture
@@ -74,8 +73,8 @@ def _assert_same_state(a: CompressibleModule, b: CompressibleModule, what: str) 
     assert _trainable(a) == _trainable(b), f"{what}: requires_grad maps differ"
 
 
-def _rows(summary: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{k: r[k] for k in ROW_KEYS} for r in [summary["baseline"], *summary["stages"]]]
+def _rows(result: ChainResult) -> list[dict[str, Any]]:
+    return [{k: getattr(s, k) for k in METRIC_KEYS} for s in result.steps]
 
 
 def _check_order(order: str, ckpt: Path, cache: Path, tmp: Path, groups: list) -> None:
@@ -91,11 +90,11 @@ def _check_order(order: str, ckpt: Path, cache: Path, tmp: Path, groups: list) -
     assert stats.reused == len(order) - 1 and stats.executed == 1, order
     assert groups, f"{order}: the last step trained nothing"
     assert groups == cold_groups[-len(groups) :], f"{order}: optimizer parameter groups differ"
-    _assert_same_state(cold["module"], warm["module"], order)
+    _assert_same_state(cold.module, warm.module, order)
     assert _rows(cold) == _rows(warm), order
     cfg = _cfg(ckpt, order, None)
     replayed = load_chain(tmp / f"warm-{order}" / "chain", build_module(cfg, build_data(cfg)))
-    _assert_same_state(cold["module"], replayed, f"replay of {order}")
+    _assert_same_state(cold.module, replayed, f"replay of {order}")
 
 
 @pytest.mark.parametrize("first", "DPQE")

@@ -77,16 +77,16 @@ def test_chain_d_l_p_q_e_runs_prunes_and_quantizes_the_factors(tmp_path: Path) -
         "chain.steps.D.settings.width_mult=1.0",
     )
     summary = run_chain(cfg, tmp_path / "run")
-    assert [s["name"] for s in summary["stages"]] == ["D", "L", "P", "Q", "E"]
-    records = summary["records"]
+    assert summary.order == ("D", "L", "P", "Q", "E")
+    records = summary.records
     ranks = records[1]["ranks"]
     assert records[1]["stage"] == "lowrank" and ranks
-    net = summary["module"].net
+    net = summary.module.net
     name = next(iter(ranks))
     pair = net.backbone.get_submodule(name) if hasattr(net, "backbone") else net.get_submodule(name)
     assert all(isinstance(m, QuantConv2d) for m in pair)  # Q wrapped both factors
     assert pair[0].out_channels < ranks[name]  # P removed rank channels of the factor pair
-    assert summary["bitops_ratio"] > 1
+    assert summary.bitops_ratio > 1
     dm = build_data(cfg)
     replayed = load_chain(tmp_path / "run" / "chain", build_module(cfg, dm))
     x, _ = next(iter(dm.loader("test", "cpu")))

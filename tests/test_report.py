@@ -13,9 +13,12 @@ from typing import Any
 
 import pytest
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 
 from chaincomp import report as rp
+from chaincomp.chain.result import METRIC_KEYS, ChainResult, from_rows
 from chaincomp.errors import ConfigError
+from chaincomp.report import plots as report_plots
 from chaincomp.search import sweep
 
 from .conftest import compose_cfg
@@ -40,20 +43,31 @@ def _chain(
     val_bitops = [1000.0 / 10**k for k in range(n)] if val_bitops is None else val_bitops
     bitops = val_bitops if bitops is None else bitops
     rows = [
-        rp.StepRow(
-            k,
-            "baseline" if k == 0 else order[k - 1],
-            val[k],
-            test[k],
-            bitops[k],
-            val_bitops[k],
-            bitops[k],
-            1.0,
-            1.0,
-        )
+        {
+            "name": "baseline" if k == 0 else order[k - 1],
+            "stage": "baseline" if k == 0 else order[k - 1],
+            "val_metric": val[k],
+            "test_metric": test[k],
+            "bitops": bitops[k],
+            "val_bitops": val_bitops[k],
+            "macs": bitops[k],
+            "params": 1.0,
+            "size_mb": 1.0,
+        }
         for k in range(n)
     ]
-    return rp.Chain(order, run_id or f"run-{order}", hib, rows)
+    task = "classify" if hib else "rotation"
+    result = from_rows(
+        rows,
+        task=task,
+        metric_name="accuracy" if hib else "mae_deg",
+        higher_is_better=hib,
+        chain="test",
+        order=list(order),
+        letters=order,
+        mlflow_run_id=run_id or f"run-{order}",
+    )
+    return rp.Chain(result)
 
 
 # ---------------------------------------------------------------- analysis on exact numbers
@@ -130,7 +144,8 @@ def test_a_pair_the_test_split_would_give_the_other_way() -> None:
     assert [p["winner"] for p in pairs] == ["BA"]
     assert rp.precedence(pairs, ["A", "B"])["order"] == "BA"
     # lower is better (MAE): the same numbers as errors make A->B the winner on validation
-    ab.higher_is_better = ba.higher_is_better = False
+    ab = _chain("AB", [90.0, 89.0, 85.0], [90.0, 89.0, 88.0], hib=False)
+    ba = _chain("BA", [90.0, 88.0, 87.0], [90.0, 88.0, 84.0], hib=False)
     assert rp.pairwise(rp.prefix_states([ab, ba]), ["A", "B"], False, 0.0)[0]["winner"] == "AB"
     # a tie on the validation metric goes to the larger validation BitOps reduction, whatever
     # the test split's BitOps (an early exit's rate differs per split)
@@ -278,7 +293,7 @@ def test_chains_are_read_from_the_store_without_dropping_any() -> None:
     def run(run_id: str, name: str, start: int, metrics: dict[str, float]) -> Any:
         return NS(
             info=NS(run_id=run_id, run_name=name, start_time=start),
-            data=NS(metrics=metrics, params={"data.task": "classify"}),
+            data=NS(metrics=metrics, params={"data.task": "classify"}, tags={}),
         )
 
     def steps(val: list[float], val_bitops: bool) -> list[dict[str, float]]:
@@ -297,7 +312,10 @@ def test_chains_are_read_from_the_store_without_dropping_any() -> None:
         "t4": ("AB", 4, [steps([90.0, 89.0, 87.0], True)[k] if k != 1 else {} for k in range(3)]),
     }  # a step without metrics: not a chain
 
-    class Client:
+    class Client:  # a store copied without its artifacts: no summary.json to read
+        def download_artifacts(self, run_id: str, path: str, dst: str) -> str:
+            raise MlflowException(f"no artifact {path} of {run_id}")
+
         def search_runs(
             self, _ids: list[str], filter_string: str, max_results: int, page_token: str | None
         ) -> Page:
@@ -357,6 +375,35 @@ def test_pareto_front_is_exact() -> None:
     pts = [(90.0, 10.0), (85.0, 100.0), (80.0, 50.0), (90.0, 5.0), (70.0, 1000.0)]
     assert rp.pareto(pts, True) == [4, 1, 0]
     assert rp.pareto([(1.0, 10.0), (2.0, 10.0)], False) == [0]  # lower MAE wins
+
+
+def test_pareto_plot_draws_chains_of_any_length(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a 5-stage chain (e.g. D, L, P, Q, E): its full state must be drawn, not dropped for want
+    # of a marker
+    chain = _chain("DLPQE", [90.0, 89.0, 88.0, 87.0, 86.0, 85.0])
+    states = rp.prefix_states([chain])
+    figs: list[Any] = []
+    monkeypatch.setattr(report_plots, "save_figure", lambda fig, path: figs.append(fig))
+    rp.plot_pareto([chain], states, True, tmp_path / "pareto.png", "five steps")
+    (fig,) = figs
+    try:
+        ax = fig.axes[0]
+        drawn = [tuple(xy) for c in ax.collections for xy in c.get_offsets()]
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    finally:
+        report_plots.pyplot().close(fig)
+    five = states["DLPQE"]
+    assert (five.bitops_ratio, five.metric) == (100000.0, 85.0)
+    assert (100000.0, 85.0) in drawn and len(drawn) == 5  # one point per prefix, none lost
+    assert [lb for lb in labels if "step" in lb and "Pareto" not in lb] == [
+        "1 step",
+        "2 steps",
+        "3 steps",
+        "4 steps",
+        "5 steps",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -492,6 +539,26 @@ def test_report_of_a_grid_study_matches_mlflow(tiny_study: tuple[Path, str]) -> 
     assert _tables(_render(res["all_orders"] / "orders.md")) == [7, 4, 4]
     for name in ("pareto.png", "waterfall.png", "order_effect.png"):
         assert (res["all_orders"] / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_report_reads_each_chains_summary_json(tiny_study: tuple[Path, str]) -> None:
+    tmp, uri = tiny_study
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("chaincomp").experiment_id
+    runs = client.search_runs(
+        [exp], "tags.`optuna.study` = 'tiny_orders' and tags.`chaincomp.command` = 'run'"
+    )
+    assert len(runs) == 6
+    for run in runs:
+        trial = int(run.data.tags["optuna.trial"])
+        on_disk = ChainResult.load(tmp / "out" / "trials" / f"{trial:04d}" / "summary.json")
+        result = rp.read_result(client, exp, run)
+        assert result == on_disk and result.records == on_disk.records  # the file, records too
+        # the step runs' metrics (what a store copied without artifacts falls back to) agree
+        rebuilt = rp.load._from_step_runs(client, exp, run)
+        assert rebuilt is not None and rebuilt.order == result.order
+        for a, b in zip(rebuilt.steps, result.steps, strict=True):
+            assert [getattr(a, k) for k in METRIC_KEYS] == [getattr(b, k) for k in METRIC_KEYS]
 
 
 def test_report_of_an_unknown_source_names_the_key(tiny_study: tuple[Path, str]) -> None:

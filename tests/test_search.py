@@ -21,9 +21,11 @@ import pytest
 from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
+from chaincomp.chain.result import from_rows
 from chaincomp.errors import ConfigError
 from chaincomp.search import SearchConfig, build_space, sweep
-from chaincomp.search.study import Objective, space_of
+from chaincomp.search.driver import space_of
+from chaincomp.search.objective import Objective
 
 from .conftest import compose_cfg
 
@@ -117,13 +119,23 @@ def test_bad_search_config_names_the_key(override: str, key: str) -> None:
 def test_a_diverged_trial_fails_with_its_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import chaincomp.search.study as sw
+    import chaincomp.search.objective as sw
 
     cfg = compose_cfg(*TINY, "tracking.enabled=false")
     scfg = SearchConfig.from_cfg(cfg)
-    nan = float("nan")
-    fake = {"val_metric": nan, "val_bitops": 1.0, "module": None}
-    monkeypatch.setattr(sw, "run_chain", lambda *a, **k: dict(fake))
+    row = {"val_metric": 90.0, "test_metric": 90.0, "bitops": 1.0, "macs": 1.0, "params": 1}
+    base = {**row, "name": "baseline", "stage": "baseline", "size_mb": 1.0}
+    diverged = {**base, "name": "Q", "stage": "quantize", "val_metric": float("nan")}
+    fake = from_rows(
+        [base, diverged],
+        task="classify",
+        metric_name="accuracy",
+        higher_is_better=True,
+        chain="dpqe",
+        order=["Q"],
+        letters="Q",
+    )
+    monkeypatch.setattr(sw, "run_chain", lambda *a, **k: fake)
     obj = Objective(cfg, scfg, space_of(cfg, scfg), tmp_path, sw.NullTracker(), None)
     study = optuna.create_study(directions=["maximize", "minimize"])
     study.optimize(obj, n_trials=1, catch=(Exception,))
@@ -546,7 +558,7 @@ def _study(tmp: Path, name: str) -> optuna.Study:
 def test_nsga2_sweep_samples_with_nsga2_and_records_the_constraints(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import chaincomp.search.study as sw
+    import chaincomp.search.driver as sw
 
     made: list[optuna.samplers.BaseSampler] = []
     real = sw.make_sampler
@@ -658,7 +670,7 @@ def test_non_dominated_keeps_exactly_the_front() -> None:
     from optuna.study import StudyDirection
     from optuna.trial import create_trial
 
-    from chaincomp.search.study import non_dominated
+    from chaincomp.search.front import non_dominated
 
     def t(acc: float, bitops: float) -> optuna.trial.FrozenTrial:
         return create_trial(

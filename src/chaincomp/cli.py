@@ -11,12 +11,15 @@ import functools
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.errors import ChaincompError
 from chaincomp.utils import config_dir, console, write_json
+
+if TYPE_CHECKING:
+    from chaincomp.chain import ChainResult
 
 SUMMARY_KEYS = (
     "task",
@@ -129,19 +132,13 @@ def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
-STEP_COLUMNS = ("val_metric", "test_metric", "macs", "bitops", "params", "size_mb")
-
-
-def print_chain_table(summary: dict[str, Any]) -> None:
+def print_chain_table(result: ChainResult, dataset: str = "") -> None:
     """One row per step (baseline first): metric, cost and the ratios against the baseline."""
     from rich.table import Table
 
-    base = summary["baseline"]
-    unit = summary["metric_name"]
-    table = Table(
-        title=f"chain {'->'.join(summary['order']) or '(baseline only)'}: "
-        f"{summary.get('dataset', '')} {unit}"
-    )
+    base = result.baseline
+    unit = result.metric_name
+    table = Table(title=f"chain {'->'.join(result.order) or '(baseline only)'}: {dataset} {unit}")
     for col in (
         "step",
         "stage",
@@ -155,40 +152,41 @@ def print_chain_table(summary: dict[str, Any]) -> None:
         "cached",
     ):
         table.add_column(col, justify="left" if col in ("step", "stage") else "right")
-    rows = [{"name": "baseline", "stage": "-", **base, "cached": False}, *summary["stages"]]
-    for r in rows:
+    for r in result.steps:
         table.add_row(
-            r["name"],
-            r["stage"],
-            f"{r['val_metric']:.2f}",
-            f"{r['test_metric']:.2f}",
-            f"{r['macs']:.4g}",
-            f"{r['bitops']:.4g}",
-            f"{r['params']:,}",
-            f"{r['size_mb']:.4f}",
-            f"{base['bitops'] / max(r['bitops'], 1e-12):.1f}",
-            "yes" if r.get("cached") else "",
+            r.name,
+            "-" if r.stage == "baseline" else r.stage,
+            f"{r.val_metric:.2f}",
+            f"{r.test_metric:.2f}",
+            f"{r.macs:.4g}",
+            f"{r.bitops:.4g}",
+            f"{int(r.params):,}",
+            f"{r.size_mb:.4f}",
+            f"{base.bitops / max(r.bitops, 1e-12):.1f}",
+            "yes" if r.cached else "",
         )
     console().print(table)
     console().print(
-        f"BitOps reduction {summary['bitops_ratio']:.1f}x, test {unit} change "
-        f"{summary['metric_delta']:+.2f} (baseline {base['test_metric']:.2f} -> "
-        f"{summary['test_metric']:.2f})"
+        f"BitOps reduction {result.bitops_ratio:.1f}x, test {unit} change "
+        f"{result.metric_delta:+.2f} (baseline {base.test_metric:.2f} -> "
+        f"{result.last.test_metric:.2f})"
     )
 
 
 def cmd_run(cfg: DictConfig) -> dict[str, Any]:
-    """Run the chain ``cfg.chain`` (baseline, then the steps in ``chain.order``)."""
+    """Run the chain ``cfg.chain`` (baseline, then the steps in ``chain.order``); returns its
+    ``summary.json`` dict (the :class:`ChainResult` schema) with the dataset and model named."""
     from chaincomp.chain import run_chain
     from chaincomp.pipeline import tracker_for
 
     out = _output_dir()
-    summary = run_chain(cfg, out, tracker_for(cfg), run_name=cfg.tracking.get("run_name"))
-    summary.pop("module", None)
-    summary["dataset"] = cfg.data.name
-    summary["model"] = str(cfg.model.get("name", cfg.model.get("_target_")))
-    print_chain_table(summary)
-    return summary
+    result = run_chain(cfg, out, tracker_for(cfg), run_name=cfg.tracking.get("run_name"))
+    print_chain_table(result, str(cfg.data.name))
+    return {
+        **result.to_json(),
+        "dataset": cfg.data.name,
+        "model": str(cfg.model.get("name", cfg.model.get("_target_"))),
+    }
 
 
 def cmd_sweep(cfg: DictConfig) -> dict[str, Any]:

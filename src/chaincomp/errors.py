@@ -29,3 +29,12 @@ class ConfigError(ChaincompError, ValueError):
 
 class DataError(ChaincompError, RuntimeError):
     """Data could not be found or decoded. The message says which key/file and how to fix it."""
+
+
+def check_keys(values: Iterable[str], known: Iterable[str], prefix: str) -> None:
+    """The one unknown-key check of every config section: raise :class:`ConfigError` naming
+    ``<prefix>.<first unknown key>`` (sorted) and the known keys."""
+    allowed = sorted(known)
+    unknown = sorted(set(values) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{prefix}.{unknown[0]}", "unknown key", allowed)

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.chain.cache import CacheStats, PrefixCache, entry_version, prefix_keys
 from chaincomp.chain.replay import replay, save_chain, trainable_names
-from chaincomp.chain.spec import ChainSpec, chain_spec
+from chaincomp.chain.result import METRIC_KEYS, ChainResult, from_rows
+from chaincomp.chain.spec import chain_spec
 from chaincomp.pipeline import (
     build_data,
     build_module,
@@ -35,19 +36,9 @@ from chaincomp.pipeline import (
 )
 from chaincomp.stages import StageContext, StageRecord, record_from_json, stage_class
 from chaincomp.tracking import MlflowMetricsCallback, NullTracker, Run, Tracker
-from chaincomp.utils import seed_everything, write_json
+from chaincomp.utils import seed_everything
 
 log = logging.getLogger("chaincomp.chain")
-
-ROW_KEYS = ("val_metric", "test_metric", "macs", "bitops", "val_bitops", "params", "size_mb")
-
-
-def _row(row: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: row[k] for k in row if k in ROW_KEYS or k.endswith("exit_rates")}
-
-
-def _foundation(dm: Any, row: Mapping[str, Any]) -> dict[str, Any]:
-    return {"task": dm.task.name, "metric_name": dm.task.metric_name, **_row(row)}
 
 
 def run_chain(
@@ -60,9 +51,10 @@ def run_chain(
     tags: Mapping[str, Any] | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
     on_start: Callable[[str | None], None] | None = None,
-) -> dict[str, Any]:
-    """Run ``cfg.chain`` on ``cfg.data`` x ``cfg.model``; returns the summary (also written as
-    ``summary.json`` and ``chain/`` (entry.json + weights.pt) into ``output_dir``).
+) -> ChainResult:
+    """Run ``cfg.chain`` on ``cfg.data`` x ``cfg.model``; returns its :class:`ChainResult`
+    (with the final ``module``), also written as ``summary.json``, and the replayable chain
+    ``chain/`` (entry.json + weights.pt) into ``output_dir``.
 
     MLflow: one run for the chain (child of ``parent`` when given), one child per step (the
     baseline included; a step taken from the cache is tagged ``chaincomp.cached=true``).
@@ -236,14 +228,33 @@ def run_chain(
             if on_step:
                 on_step(row)
 
-        summary = summarize(dm, spec, entry, chain_run)
+        result = from_rows(
+            entry["rows"],
+            task=dm.task.name,
+            metric_name=dm.task.metric_name,
+            higher_is_better=dm.task.higher_is_better,
+            chain=spec.name,
+            order=spec.order,
+            letters=spec.letters,
+            records=entry["records"],
+            mlflow_run_id=chain_run.run_id,
+            module=module,
+        )
         save_chain(out / "chain", entry, module.net)
-        write_json(out / "summary.json", summary)
-        chain_run.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        result.save(out / "summary.json")
+        chain_run.log_metrics(
+            {
+                **{k: getattr(result.last, k) for k in METRIC_KEYS},
+                "bitops_ratio": result.bitops_ratio,
+                "val_bitops_ratio": result.val_bitops_ratio,
+                "macs_ratio": result.macs_ratio,
+                "metric_delta": result.metric_delta,
+                "val_metric_delta": result.val_metric_delta,
+            }
+        )
         chain_run.log_artifact(out / "summary.json")
         chain_run.log_artifact(out / "chain" / "entry.json")
-    summary["module"] = module
-    return summary
+    return result
 
 
 def later_effects(ctx: StageContext, record: StageRecord, module: Any) -> list[StageRecord]:
@@ -266,37 +277,3 @@ def _numeric(row: Mapping[str, Any]) -> dict[str, float]:
             continue
         out[k] = float(v)
     return out
-
-
-def summarize(dm: Any, spec: ChainSpec, entry: Mapping[str, Any], run: Run) -> dict[str, Any]:
-    """The summary.json of a chain: foundation keys of the final model, ``order``,
-    ``baseline``, ``stages`` (one row per step), ``bitops_ratio`` (baseline / final BitOps) and
-    ``metric_delta`` (final - baseline test metric; negative = worse accuracy, positive =
-    larger error for MAE)."""
-    rows = entry["rows"]
-    base, last = rows[0], rows[-1]
-    stages = [
-        {
-            "name": r["name"],
-            "stage": r["stage"],
-            "cached": r.get("cached", False),
-            **_foundation(dm, r),
-            **{k: v for k, v in r.items() if "." in k},
-        }
-        for r in rows[1:]
-    ]
-    return {
-        **_foundation(dm, last),
-        "mlflow_run_id": run.run_id,
-        "chain": spec.name,
-        "order": spec.order,
-        "letters": spec.letters,
-        "baseline": {**_foundation(dm, base), "mlflow_run_id": run.run_id},
-        "stages": stages,
-        "bitops_ratio": base["bitops"] / max(1e-12, last["bitops"]),
-        "val_bitops_ratio": base["val_bitops"] / max(1e-12, last["val_bitops"]),
-        "macs_ratio": base["macs"] / max(1e-12, last["macs"]),
-        "metric_delta": last["test_metric"] - base["test_metric"],
-        "val_metric_delta": last["val_metric"] - base["val_metric"],
-        "records": entry["records"],
-    }

@@ -19,7 +19,7 @@ from typing import Any
 
 import optuna
 
-from chaincomp.errors import ConfigError
+from chaincomp.errors import ConfigError, check_keys
 from chaincomp.stages import stage_class
 
 PARAM_TYPES = ("float", "int", "categorical")
@@ -81,13 +81,7 @@ def _param(step: str, stage: str, key: str, spec: Mapping[str, Any]) -> Param:
     kind = spec.get("type")
     if kind not in PARAM_TYPES:
         raise ConfigError(f"{where}.type", f"unknown {kind!r}", PARAM_TYPES)
-    unknown = sorted(set(spec) - {"type", "low", "high", "step", "log", "choices"})
-    if unknown:
-        raise ConfigError(
-            f"{where}.{unknown[0]}",
-            "unknown key",
-            ["type", "low", "high", "step", "log", "choices"],
-        )
+    check_keys(spec, ("type", "low", "high", "step", "log", "choices"), where)
     if kind == "categorical":
         choices = tuple(spec.get("choices") or ())
         if not choices:

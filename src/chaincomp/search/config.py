@@ -1,0 +1,96 @@
+"""The ``search`` config section: :class:`SearchConfig` (``conf/search/*.yaml``), validated on
+construction, and the optimisation :func:`directions` of each objective.
+
+Contract: :meth:`SearchConfig.from_cfg` rejects unknown keys and invalid values with a
+:class:`~chaincomp.errors.ConfigError` naming the ``search.<key>``; the config is frozen and
+picklable (it is handed to spawned sweep workers).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from omegaconf import DictConfig
+
+from chaincomp.errors import ConfigError, check_keys
+from chaincomp.pipeline import config_section
+
+OBJECTIVES = ("pareto", "metric", "cost")
+SAMPLERS = ("tpe", "nsga2", "random", "grid")
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """``conf/search/*.yaml``. ``stages``: step names from the chain catalogue; ``orders``:
+    explicit orders (strings) instead of all permutations (``subsets``: also of subsets of at
+    least ``min_stages`` steps); ``objective``: pareto (metric and BitOps) | metric (best
+    metric with ``bitops_budget``) | cost (fewest BitOps within ``max_metric_loss`` of the
+    baseline); ``max_metric_loss`` is also a constraint of pareto when set; ``sampler``: tpe |
+    nsga2 | random | grid (all orders at the chain's fixed settings); ``storage``: a journal
+    file path or a database URL; ``n_workers`` local processes."""
+
+    name: str = "chaincomp"
+    stages: tuple[str, ...] = ("D", "P", "Q", "E")
+    orders: tuple[str, ...] | None = None
+    subsets: bool = False
+    min_stages: int = 1
+    objective: str = "pareto"
+    max_metric_loss: float | None = None
+    bitops_budget: float | None = None
+    sampler: str = "tpe"
+    n_startup_trials: int = 8
+    n_trials: int = 20
+    timeout: float | None = None
+    n_workers: int = 1
+    storage: str = ".chaincomp/optuna.journal"
+    seed: int = 0
+    retry_stale: bool = True
+    heartbeat_interval: int = 10
+    grace_period: int = 30
+
+    def __post_init__(self) -> None:
+        def bad(key: str, value: Any, allowed: Any) -> ConfigError:
+            return ConfigError(f"search.{key}", f"invalid value {value!r}", allowed)
+
+        if self.objective not in OBJECTIVES:
+            raise bad("objective", self.objective, OBJECTIVES)
+        if self.sampler not in SAMPLERS:
+            raise bad("sampler", self.sampler, SAMPLERS)
+        if self.objective == "metric" and self.bitops_budget is None:
+            raise ConfigError("search.bitops_budget", "required by objective=metric", "> 0")
+        if self.objective == "cost" and self.max_metric_loss is None:
+            raise ConfigError("search.max_metric_loss", "required by objective=cost", ">= 0")
+        if self.bitops_budget is not None and not self.bitops_budget > 0:
+            raise bad("bitops_budget", self.bitops_budget, "null or > 0")
+        if self.max_metric_loss is not None and self.max_metric_loss < 0:
+            raise bad("max_metric_loss", self.max_metric_loss, "null or >= 0")
+        if self.n_trials < 1:
+            raise bad("n_trials", self.n_trials, ">= 1")
+        if self.n_workers < 1:
+            raise bad("n_workers", self.n_workers, ">= 1")
+        if self.timeout is not None and not self.timeout > 0:
+            raise bad("timeout", self.timeout, "null or > 0 seconds")
+        if not self.name:
+            raise bad("name", self.name, "a study name")
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> SearchConfig:
+        values = config_section(cfg, "search")
+        check_keys(values, (f.name for f in fields(cls)), "search")
+        for key in ("stages", "orders"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(str(v) for v in values[key])
+        return cls(**values)
+
+    @property
+    def is_database(self) -> bool:
+        return "://" in self.storage
+
+
+def directions(task_higher_is_better: bool, objective: str) -> list[Any]:
+    metric = "maximize" if task_higher_is_better else "minimize"
+    return {"pareto": [metric, "minimize"], "metric": [metric], "cost": ["minimize"]}[objective]
+
+
+__all__ = ["OBJECTIVES", "SAMPLERS", "SearchConfig", "directions"]

@@ -1,0 +1,244 @@
+"""``chaincomp sweep``: an Optuna study over chain orders and stage hyperparameters.
+
+This module drives the sweep: :func:`sweep` creates or resumes the study, checks that its fixed
+settings (orders, objective, parameter names) did not change, and runs :func:`work` in one
+process or ``n_workers`` spawned processes; every worker reaps stale trials and runs trials until
+``n_trials`` are counted or the timeout passes. The parts: the config (:mod:`.config`), the
+storage and stale trials (:mod:`.storage`), the sampler (:mod:`.samplers`), one trial
+(:mod:`.objective`) and the Pareto front (:mod:`.front`).
+
+MLflow: a parent run for the sweep (reused on resume), a child run per trial (the chain), a
+grandchild per step; trial number and run id are cross-referenced (trial user attr
+``mlflow_run_id``; run tags ``optuna.trial`` / ``optuna.study``). The Pareto front is written as
+``front.csv`` / ``front.md`` / ``front.png`` and logged on the parent after every trial;
+``summary.json`` at the end.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from chaincomp.chain import chain_spec
+from chaincomp.data.datamodule import DataConfig
+from chaincomp.errors import ChaincompError, ConfigError
+from chaincomp.pipeline import config_section, tracking_config
+from chaincomp.search.config import SearchConfig, directions
+from chaincomp.search.front import front_rows, write_front
+from chaincomp.search.objective import Objective
+from chaincomp.search.samplers import make_sampler
+from chaincomp.search.space import SearchSpace, build_space
+from chaincomp.search.storage import StaleHandler, counted, make_storage, reap_stale
+from chaincomp.tasks import TASKS
+from chaincomp.tracking import NullTracker, Run, Tracker, make_tracker
+from chaincomp.utils import write_json
+
+
+def _progress(
+    study: optuna.Study,
+    scfg: SearchConfig,
+    trial: optuna.trial.FrozenTrial,
+    rows: list[dict[str, Any]],
+) -> None:
+    from chaincomp.utils import console
+
+    a = trial.user_attrs
+    if trial.state == TrialState.COMPLETE:
+        what = (
+            f"{a['letters']}: val {a['val_metric']:.2f}, {a['val_bitops_ratio']:.1f}x fewer BitOps"
+        )
+    else:
+        what = f"{trial.state.name}: {a.get('fail_reason', '')}"
+    best = ", ".join(
+        f"{r['order']} {r['val_metric']:.2f}@{r['val_bitops_ratio']:.0f}x" for r in rows[:6]
+    )
+    console().print(
+        f"[{counted(study)}/{scfg.n_trials}] trial {trial.number} {what} | front ({len(rows)}): {best}"
+    )
+
+
+def work(
+    cfg: DictConfig, scfg: SearchConfig, out: Path, parent_run_id: str | None, worker: int = 0
+) -> None:
+    """One worker: run trials until ``n_trials`` are counted or the timeout passes."""
+    tracker = make_tracker(tracking_config(cfg))
+    parent = Run(getattr(tracker, "client", None), parent_run_id) if parent_run_id else None
+    space = space_of(cfg, scfg)
+    storage = make_storage(scfg, tracker)
+    handler = StaleHandler(tracker, scfg.retry_stale)
+    probe = optuna.load_study(study_name=scfg.name, storage=storage)
+    seed = scfg.seed + 7919 * worker + 104729 * len(probe.trials)
+    study = optuna.load_study(
+        study_name=scfg.name, storage=storage, sampler=make_sampler(scfg, space, seed)
+    )
+    objective = Objective(cfg, scfg, space, out, tracker, parent)
+    limit = min(scfg.n_trials, len(space.orders)) if scfg.sampler == "grid" else scfg.n_trials
+    deadline = time.time() + scfg.timeout if scfg.timeout else None
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        rows = write_front(study, scfg, out, parent)
+        _progress(study, scfg, trial, rows)
+
+    while True:
+        reap_stale(study, storage, handler)
+        if counted(study) >= limit or (deadline and time.time() > deadline):
+            break
+        study.optimize(
+            objective, n_trials=1, catch=(Exception,), callbacks=[after], gc_after_trial=True
+        )
+
+
+def space_of(cfg: DictConfig, scfg: SearchConfig) -> SearchSpace:
+    catalogue = config_section(cfg, "chain").get("steps") or {}
+    return build_space(catalogue, scfg.stages, scfg.orders, scfg.subsets, scfg.min_stages)
+
+
+def _worker_entry(
+    cfg_yaml: str,
+    scfg: SearchConfig,
+    out: str,
+    parent_run_id: str | None,
+    worker: int,
+    threads: int,
+) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    cfg = OmegaConf.create(cfg_yaml)
+    assert isinstance(cfg, DictConfig)
+    work(cfg, scfg, Path(out), parent_run_id, worker)
+
+
+def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
+    """Create or resume the study, run the workers, write ``summary.json``; returns it."""
+    scfg = SearchConfig.from_cfg(cfg)
+    chain_spec(cfg)  # validate the chain catalogue before anything starts
+    space = space_of(cfg, scfg)
+    out = Path(output_dir)
+    tracker = make_tracker(tracking_config(cfg))
+    storage = make_storage(scfg, tracker)
+    # the task's direction from its class: no data is loaded to learn it
+    higher = TASKS[DataConfig.from_dict(config_section(cfg, "data")).task].higher_is_better
+    study = optuna.create_study(
+        study_name=scfg.name,
+        storage=storage,
+        load_if_exists=True,
+        directions=directions(higher, scfg.objective),
+    )
+    fixed = {
+        "orders": list(space.orders),
+        "objective": scfg.objective,
+        "params": space.param_names(),
+    }
+    for key, value in fixed.items():
+        old = study.user_attrs.get(key)
+        if old is not None and old != value:
+            raise ConfigError(
+                f"search.{'orders' if key == 'params' else key}",
+                f"study {scfg.name!r} was created with {key}={old}, now {value}",
+                "the study's own settings, or a new search.name",
+            )
+        study.set_user_attr(key, value)
+    parent_id = _parent_run(tracker, study, scfg, cfg)
+    parent = Run(getattr(tracker, "client", None), parent_id) if parent_id else None
+    status = "FINISHED"
+    try:
+        if scfg.n_workers == 1:
+            work(cfg, scfg, out, parent_id)
+        else:
+            ctx = mp.get_context("spawn")
+            threads = max(1, (os.cpu_count() or 1) // scfg.n_workers)
+            yaml = OmegaConf.to_yaml(cfg, resolve=True)
+            procs = [
+                ctx.Process(
+                    target=_worker_entry, args=(yaml, scfg, str(out), parent_id, i, threads)
+                )
+                for i in range(scfg.n_workers)
+            ]
+            for p in procs:
+                p.start()
+            for p in procs:
+                p.join()
+            bad = [p.exitcode for p in procs if p.exitcode]
+            if bad:
+                raise ChaincompError(f"{len(bad)} sweep worker(s) exited with codes {bad}")
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        if parent_id is not None and parent is not None and isinstance(tracker, Tracker):
+            if status == "FINISHED":
+                write_front(study, scfg, out, parent)
+            tracker.client.set_terminated(parent_id, status)
+    return summarize(study, scfg, out, parent_id)
+
+
+def _parent_run(
+    tracker: Tracker | NullTracker, study: optuna.Study, scfg: SearchConfig, cfg: DictConfig
+) -> str | None:
+    """The sweep's MLflow run: the one recorded on the study (resume) or a new one."""
+    if not isinstance(tracker, Tracker):
+        return None
+    client = tracker.client
+    old = study.user_attrs.get(f"mlflow_parent_run_id@{tracker.cfg.uri}")
+    if old:
+        try:
+            client.update_run(old, status="RUNNING")
+            client.set_tag(old, "chaincomp.resumed", time.strftime("%Y-%m-%dT%H:%M:%S"))
+            return str(old)
+        except Exception:  # deleted run: start a new one
+            pass
+    info = client.create_run(
+        tracker.experiment_id,
+        run_name=f"sweep {scfg.name}",
+        tags={
+            "chaincomp.command": "sweep",
+            "optuna.study": scfg.name,
+            "optuna.storage": scfg.storage if not scfg.is_database else scfg.storage.split("@")[-1],
+        },
+    )
+    run = Run(client, info.info.run_id)
+    run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    study.set_user_attr(f"mlflow_parent_run_id@{tracker.cfg.uri}", info.info.run_id)
+    return str(info.info.run_id)
+
+
+def summarize(
+    study: optuna.Study, scfg: SearchConfig, out: Path, parent_id: str | None
+) -> dict[str, Any]:
+    trials = study.get_trials(deepcopy=False)
+    states: dict[str, int] = {}
+    for t in trials:
+        states[t.state.name] = states.get(t.state.name, 0) + 1
+    rows = front_rows(study, scfg)
+    summary = {
+        "study": scfg.name,
+        "storage": scfg.storage if not scfg.is_database else scfg.storage.split("@")[-1],
+        "objective": scfg.objective,
+        "sampler": scfg.sampler,
+        "n_trials": scfg.n_trials,
+        "trials": len(trials),
+        "states": states,
+        "front": rows,
+        "mlflow_run_id": parent_id,
+        "failed": [
+            {"trial": t.number, "reason": t.user_attrs.get("fail_reason")}
+            for t in trials
+            if t.state == TrialState.FAIL
+        ],
+    }
+    write_json(out / "summary.json", summary)
+    return summary
+
+
+__all__ = ["sweep", "work"]

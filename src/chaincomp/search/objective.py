@@ -1,0 +1,138 @@
+"""The objective of a sweep: one trial = one chain.
+
+Every trial calls the same :func:`~chaincomp.chain.run_chain` as ``chaincomp run`` (so it shares
+the prefix cache) and is scored on the *validation* split: metric vs expected BitOps (a Pareto
+front), or one objective under a cost budget / metric-loss constraint.
+
+Contract: the trial's chain is an MLflow child run of the sweep's parent run, cross-referenced
+(trial user attr ``mlflow_run_id``; run tags ``optuna.trial`` / ``optuna.study``); a finished
+trial carries its results as user attrs (``letters``, ``val_metric``, ``val_bitops``,
+``constraints``, ...) that the front and the samplers read; a failed one carries
+``fail_reason``, and a non-finite result fails it with :class:`TrialDiverged`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+
+from chaincomp.chain import run_chain
+from chaincomp.errors import ChaincompError
+from chaincomp.search.config import SearchConfig
+from chaincomp.search.space import SearchSpace
+from chaincomp.search.storage import HOST
+from chaincomp.tracking import NullTracker, Run, Tracker
+
+
+class TrialDiverged(ChaincompError):
+    """The chain finished with a non-finite metric or cost."""
+
+
+class Objective:
+    """One trial = one chain: suggest order and settings, run_chain, score on validation."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        scfg: SearchConfig,
+        space: SearchSpace,
+        out: Path,
+        tracker: Tracker | NullTracker,
+        parent: Run | None,
+    ):
+        self.cfg, self.scfg, self.space, self.out = cfg, scfg, space, out
+        self.tracker, self.parent = tracker, parent
+
+    def trial_config(self, order: str, overrides: Mapping[str, Mapping[str, Any]]) -> DictConfig:
+        cfg = copy.deepcopy(self.cfg)
+        OmegaConf.set_readonly(cfg, False)
+        OmegaConf.set_struct(cfg, False)
+        cfg.chain.order = list(order)
+        for step, values in overrides.items():
+            for key, value in values.items():
+                cfg.chain.steps[step].settings[key] = value
+        return cfg
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        trial.set_user_attr("host", HOST)
+        trial.set_user_attr("pid", os.getpid())
+        order, overrides = self.space.suggest(trial, with_params=self.scfg.sampler != "grid")
+        cfg = self.trial_config(order, overrides)
+        run_ids: list[str | None] = []
+
+        def started(run_id: str | None) -> None:
+            run_ids.append(run_id)
+            trial.set_user_attr("mlflow_run_id", run_id)
+
+        try:
+            result = run_chain(
+                cfg,
+                self.out / "trials" / f"{trial.number:04d}",
+                self.tracker,
+                parent=self.parent,
+                run_name=f"trial {trial.number} {order}",
+                tags={"optuna.study": self.scfg.name, "optuna.trial": trial.number},
+                on_start=started,
+            )
+            val, bitops = result.last.val_metric, result.last.val_bitops
+            if not (math.isfinite(val) and math.isfinite(bitops)):
+                raise TrialDiverged(f"non-finite result: val_metric={val}, val_bitops={bitops}")
+        except BaseException as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:500]
+            trial.set_user_attr("fail_reason", reason)
+            if (
+                isinstance(exc, TrialDiverged)
+                and run_ids
+                and run_ids[0]
+                and isinstance(self.tracker, Tracker)
+            ):
+                self.tracker.client.set_tag(run_ids[0], "error", reason)
+                self.tracker.client.set_terminated(run_ids[0], "FAILED")
+            _free_accelerator_memory()
+            raise
+        base = result.baseline
+        loss = -result.val_metric_delta if result.higher_is_better else result.val_metric_delta
+        constraints = []
+        if self.scfg.max_metric_loss is not None:
+            constraints.append(loss - self.scfg.max_metric_loss)
+        if self.scfg.bitops_budget is not None:
+            constraints.append(bitops - self.scfg.bitops_budget)
+        for key, value in {
+            "letters": order,
+            "test_metric": result.last.test_metric,
+            "val_metric": val,
+            "val_bitops": bitops,
+            "bitops": result.last.bitops,
+            "bitops_ratio": result.bitops_ratio,
+            "val_bitops_ratio": result.val_bitops_ratio,
+            "metric_delta": result.metric_delta,
+            "val_metric_loss": loss,
+            "baseline_val_metric": base.val_metric,
+            "baseline_val_bitops": base.val_bitops,
+            "constraints": constraints or [0.0],
+            "run_dir": str(self.out / "trials" / f"{trial.number:04d}"),
+        }.items():
+            trial.set_user_attr(key, value)
+        if self.scfg.objective == "pareto":
+            return val, bitops
+        return val if self.scfg.objective == "metric" else bitops
+
+
+def _free_accelerator_memory() -> None:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # pragma: no cover - best effort
+        pass
+
+
+__all__ = ["Objective", "TrialDiverged"]
