@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from chaincomp.errors import ConfigError
 from chaincomp.models.base import ClassifierHead
 from chaincomp.pipeline import build_module
 from chaincomp.stages import Distill, EarlyExit, Prune, QuantConv2d, Quantize, QuantLinear
@@ -236,9 +237,15 @@ def test_distill_into_a_named_student_builds_that_model(
     module = digits_module
     teacher = module.net
     ctx = make_ctx(cfg, dm)
-    Distill.from_config({"student": student, "width_mult": width_mult, "epochs": 0}).run(
-        module, ctx
+    # the student's config is composed by Hydra from conf/model, as from the shell
+    composed = compose_cfg(
+        f"+model@chain.steps.D.settings.student={student}",
+        f"chain.steps.D.settings.width_mult={width_mult}",
+        "chain.steps.D.settings.epochs=0",
     )
+    settings = OmegaConf.to_container(composed.chain.steps.D.settings, resolve=True)
+    assert isinstance(settings, dict) and settings["student"]["name"] == student
+    Distill.from_config(settings).run(module, ctx)
     net = module.net
     conf = OmegaConf.to_container(OmegaConf.load(CONF / "model" / f"{student}.yaml"))
     assert isinstance(conf, dict)
@@ -253,6 +260,15 @@ def test_distill_into_a_named_student_builds_that_model(
     assert {k: shapes[k] for k in expected} == expected
     assert shapes != {k: tuple(v.shape) for k, v in teacher.state_dict().items()}
     assert ctx.model_cfg["name"] == student  # later steps see the student's architecture
+
+
+def test_distill_student_by_name_is_one_error_naming_the_hydra_syntax() -> None:
+    with pytest.raises(
+        ConfigError,
+        match=r"chain.steps.D.settings.student: invalid value 'resnet18'; allowed: null or a "
+        r"model config composed by Hydra: \+model@chain.steps.D.settings.student=<name>",
+    ):
+        Distill.Settings.from_dict({"student": "resnet18"}, "chain.steps.D.settings")
 
 
 # ------------------------------------------------------------------------ baseline checkpoint
@@ -281,9 +297,9 @@ def test_baseline_from_a_checkpoint_is_loaded_not_trained(digits_base, tmp_path:
     stats = CacheStats()
     summary = run_chain(cfg, tmp_path / "run", stats=stats)
     assert stats.baselines_trained == 0
-    base = summary["baseline"]
-    assert base["test_metric"] == pytest.approx(test_metric, abs=1e-9)
-    assert base["test_metric"] > 80  # the trained net, not a fresh one
-    state = summary["module"].net.state_dict()
+    base = summary.baseline
+    assert base.test_metric == pytest.approx(test_metric, abs=1e-9)
+    assert base.test_metric > 80  # the trained net, not a fresh one
+    state = summary.module.net.state_dict()
     for k, v in net.state_dict().items():
         assert torch.equal(state[k].cpu(), v.cpu()), k

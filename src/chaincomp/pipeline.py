@@ -20,7 +20,7 @@ from torch import nn
 
 from chaincomp.cost import CostReport, count_cost, expected_cost
 from chaincomp.data import ChainDataModule, DataConfig
-from chaincomp.errors import ConfigError
+from chaincomp.errors import ConfigError, check_keys
 from chaincomp.models import build_model
 from chaincomp.module import CompressibleModule
 from chaincomp.optim import OptimConfig
@@ -106,10 +106,7 @@ def config_section(cfg: DictConfig | Mapping[str, Any], key: str) -> dict[str, A
 
 
 def _checked(cls: type, section: str, values: dict[str, Any]) -> Any:
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{section}.{unknown[0]}", "unknown key", sorted(known))
+    check_keys(values, (f.name for f in fields(cls)), section)
     return cls(**values)
 
 

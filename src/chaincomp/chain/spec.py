@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from chaincomp.errors import ConfigError
+from chaincomp.errors import ConfigError, check_keys
 from chaincomp.pipeline import config_section
 from chaincomp.stages import Stage, StageSettings, stage_class
 
@@ -76,9 +76,7 @@ def step_class(name: str, entry: Mapping[str, Any]) -> type[Stage]:  # type: ign
 def chain_spec(cfg: DictConfig | Mapping[str, Any]) -> ChainSpec:
     """Read and validate ``cfg.chain`` (every step's settings are checked here, up front)."""
     chain = config_section(cfg, "chain")
-    unknown = sorted(set(chain) - set(CHAIN_KEYS))
-    if unknown:
-        raise ConfigError(f"chain.{unknown[0]}", "unknown key", CHAIN_KEYS)
+    check_keys(chain, CHAIN_KEYS, "chain")
     catalogue = chain.get("steps") or {}
     order = chain.get("order")
     if order is None or isinstance(order, str | bytes) or not isinstance(order, Sequence):
@@ -90,16 +88,12 @@ def chain_spec(cfg: DictConfig | Mapping[str, Any]) -> ChainSpec:
         if name not in catalogue:
             raise ConfigError("chain.order", f"unknown step {name!r}", sorted(catalogue))
         entry = dict(catalogue[name] or {})
-        extra = sorted(set(entry) - set(STEP_KEYS))
-        if extra:
-            raise ConfigError(f"chain.steps.{name}.{extra[0]}", "unknown key", STEP_KEYS)
+        check_keys(entry, STEP_KEYS, f"chain.steps.{name}")
         cls = step_class(str(name), entry)
         prefix = f"chain.steps.{name}.settings"
         steps.append(Step(str(name), cls, cls.Settings.from_dict(entry.get("settings"), prefix)))
     base = dict(chain.get("baseline") or {})
-    bad = sorted(set(base) - {"epochs", "checkpoint"})
-    if bad:
-        raise ConfigError(f"chain.baseline.{bad[0]}", "unknown key", ["epochs", "checkpoint"])
+    check_keys(base, ("epochs", "checkpoint"), "chain.baseline")
     epochs = base.get("epochs")
     if epochs is not None and (not isinstance(epochs, int) or epochs < 0):
         raise ConfigError("chain.baseline.epochs", f"invalid value {epochs!r}", "null or >= 0")

@@ -13,7 +13,7 @@ from torch import Tensor
 from chaincomp.data.formats import RawDataset
 from chaincomp.data.loader import Augment, DeviceBatches
 from chaincomp.data.sources import SOURCES, load_raw
-from chaincomp.errors import ConfigError
+from chaincomp.errors import ConfigError, check_keys
 from chaincomp.tasks import TASKS, Task, make_task
 
 
@@ -74,10 +74,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"data.{unknown[0]}", "unknown key", sorted(known - {"extra"}))
+        check_keys(d, {f.name for f in fields(cls)} - {"extra"}, "data")
         return cls(**d)
 
 

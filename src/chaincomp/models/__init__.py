@@ -38,17 +38,6 @@ def model_names() -> list[str]:
     return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 
 
-def model_config(name: str, key: str = "model") -> dict[str, Any]:
-    """``conf/model/<name>.yaml`` as a dict; an unknown name is a :class:`ConfigError` naming
-    ``key`` and the available models."""
-    from omegaconf import OmegaConf
-
-    path = config_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(key, f"unknown model {name!r}", model_names())
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
-
-
 def build_model(
     model_cfg: Mapping[str, Any], in_channels: int, num_outputs: int, input_size: tuple[int, int]
 ) -> nn.Module:

@@ -41,7 +41,7 @@ import pytorch_lightning as pl
 from torch import nn
 
 from chaincomp.data import ChainDataModule
-from chaincomp.errors import ConfigError
+from chaincomp.errors import ConfigError, check_keys
 from chaincomp.module import CompressibleModule
 
 
@@ -71,10 +71,7 @@ class StageSettings:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any] | None, prefix: str = "stage") -> StageSettings:
         values = dict(values or {})
-        known = {f.name for f in fields(cls) if f.name != "prefix"}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{prefix}.{unknown[0]}", "unknown key", sorted(known))
+        check_keys(values, (f.name for f in fields(cls) if f.name != "prefix"), prefix)
         hints = get_type_hints(cls)
         for key, value in list(values.items()):
             hint = str(hints.get(key, ""))

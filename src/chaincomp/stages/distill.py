@@ -1,7 +1,8 @@
 """D: knowledge distillation into a new student network.
 
-The current network becomes a frozen teacher; the student is ``student`` (a ``conf/model`` name)
-or, when that is null, the current architecture's config at ``width_mult`` times its width. The
+The current network becomes a frozen teacher; the student is ``student`` (a ``conf/model`` config
+that Hydra composes into the setting: ``+model@chain.steps.D.settings.student=resnet18``) or, when
+that is null, the current architecture's config, at ``width_mult`` times its width. The
 student trains with ``(1 - alpha) * task loss + alpha * task.distill_loss`` (Hinton KD at
 ``temperature`` for classification; the teacher's predicted mean as the target for regression).
 
@@ -20,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from chaincomp.models import build_model, model_config, model_names
+from chaincomp.models import build_model, model_names
 from chaincomp.module import CompressibleModule
 from chaincomp.stages.base import (
     Phase,
@@ -36,13 +37,14 @@ from chaincomp.stages.base import (
 
 @dataclass(frozen=True)
 class DistillSettings(StageSettings):
-    """``student``: a conf/model name or null (= the current architecture); ``width_mult``:
-    multiplies the student's width (0, 4]; ``temperature`` > 0; ``alpha`` in [0, 1]: weight of
-    the KD term (0 = plain training of the student)."""
+    """``student``: null (= the current architecture) or a model config with a ``_target_``,
+    composed by Hydra from ``conf/model`` (``+model@chain.steps.D.settings.student=<name>``);
+    ``width_mult``: multiplies the student's width (0, 4]; ``temperature`` > 0; ``alpha`` in
+    [0, 1]: weight of the KD term (0 = plain training of the student)."""
 
     epochs: int = 4
     lr: float | None = None
-    student: str | None = None
+    student: dict[str, Any] | None = None
     width_mult: float = 0.5
     temperature: float = 4.0
     alpha: float = 0.9
@@ -54,14 +56,18 @@ class DistillSettings(StageSettings):
         self.check(0 < self.width_mult <= 4, "width_mult", self.width_mult, "(0, 4]")
         self.check(self.temperature > 0, "temperature", self.temperature, "> 0")
         self.check(0 <= self.alpha <= 1, "alpha", self.alpha, "[0, 1]")
-        names = model_names()
         self.check(
-            self.student is None or self.student in names, "student", self.student, ["null", *names]
+            self.student is None
+            or (isinstance(self.student, dict) and bool(self.student.get("_target_"))),
+            "student",
+            self.student,
+            f"null or a model config composed by Hydra: +model@{self.prefix}.student=<name>, "
+            f"<name> one of {model_names()}",
         )
 
 
 def student_config(current: dict[str, Any], s: DistillSettings) -> dict[str, Any]:
-    cfg = dict(model_config(s.student, f"{s.prefix}.student")) if s.student else dict(current)
+    cfg = dict(s.student) if s.student is not None else dict(current)
     if s.width_mult != 1.0:  # build_model rejects a model without a width_mult argument
         cfg["width_mult"] = float(cfg.get("width_mult", 1.0)) * s.width_mult
     return cfg
