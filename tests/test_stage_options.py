@@ -303,3 +303,27 @@ def test_baseline_from_a_checkpoint_is_loaded_not_trained(digits_base, tmp_path:
     state = summary.module.net.state_dict()
     for k, v in net.state_dict().items():
         assert torch.equal(state[k].cpu(), v.cpu()), k
+
+
+# ------------------------------------------------------------------- CPU convolution kernels
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_cpu_onednn_decides_the_kernels_of_training_only(digits_base, onednn: bool) -> None:  # type: ignore[no-untyped-def]
+    import pytorch_lightning as pl
+
+    from chaincomp.pipeline import fit, trainer_config
+
+    cfg, dm, net = digits_base
+    tcfg = dataclasses.replace(trainer_config(cfg), cpu_onednn=onednn, max_epochs=1)
+    seen: list[bool] = []
+
+    class Spy(pl.Callback):
+        def on_train_batch_start(self, *args: Any) -> None:
+            seen.append(torch.backends.mkldnn.enabled)
+
+    module = build_module(cfg, dm, copy.deepcopy(net))
+    assert torch.backends.mkldnn.enabled
+    fit(module, dm, tcfg, [Spy()])
+    assert seen and set(seen) == {onednn}  # every training batch ran with the chosen kernels
+    assert torch.backends.mkldnn.enabled  # and the process's setting is restored afterwards

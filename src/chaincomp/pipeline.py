@@ -34,7 +34,9 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 @dataclass(frozen=True)
 class TrainerConfig:
     """Lightning Trainer settings (``conf/trainer``). ``precision: auto`` = bf16-mixed on CUDA,
-    32-true elsewhere; ``channels_last`` applies on CUDA only."""
+    32-true elsewhere; ``channels_last`` applies on CUDA only; ``cpu_onednn``: train on the CPU
+    with PyTorch's oneDNN convolution kernels (false: its native ones; torch 2.13's oneDNN
+    1x1-convolution weight gradient hangs on some pruned channel counts, see README)."""
 
     max_epochs: int = 10
     accelerator: str = "auto"
@@ -47,6 +49,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     enable_progress_bar: bool = True
     deterministic: bool = False
+    cpu_onednn: bool = True
 
     def __post_init__(self) -> None:
         if self.max_epochs < 0:
@@ -157,8 +160,13 @@ def fit(
     if epochs == 0:
         return 0.0
     trainer = tcfg.make(callbacks, max_epochs=epochs)
+    before = torch.backends.mkldnn.enabled
     start = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    try:
+        torch.backends.mkldnn.enabled = before and (tcfg.cpu_onednn or tcfg.uses_cuda)
+        trainer.fit(module, datamodule=dm)
+    finally:
+        torch.backends.mkldnn.enabled = before
     return time.perf_counter() - start
 
 
