@@ -160,13 +160,14 @@ def fit(
     if epochs == 0:
         return 0.0
     trainer = tcfg.make(callbacks, max_epochs=epochs)
-    before = torch.backends.mkldnn.enabled
+    onednn: Any = torch.backends.mkldnn  # `enabled` is a settable flag (typed as a descriptor)
+    before = bool(onednn.enabled)
     start = time.perf_counter()
     try:
-        torch.backends.mkldnn.enabled = before and (tcfg.cpu_onednn or tcfg.uses_cuda)
+        onednn.enabled = before and (tcfg.cpu_onednn or tcfg.uses_cuda)
         trainer.fit(module, datamodule=dm)
     finally:
-        torch.backends.mkldnn.enabled = before
+        onednn.enabled = before
     return time.perf_counter() - start
 
 
