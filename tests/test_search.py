@@ -682,3 +682,35 @@ def test_non_dominated_keeps_exactly_the_front() -> None:
     kept = [(x.values[0], x.values[1]) for x in non_dominated(trials, dirs)]
     # (80, 60) is dominated by (85, 50); (70, 200) by everything; equal points both stay
     assert kept == [(90, 100), (85, 50), (90, 100), (95, 200)]
+
+
+# ---------------------------------------------------------------- journal lock
+
+
+_LOCKED_STUDY = """
+import optuna
+from chaincomp.search import SearchConfig
+from chaincomp.search.storage import make_storage
+from chaincomp.tracking import NullTracker
+scfg = SearchConfig(storage=".chaincomp/optuna.journal")  # relative, as the default
+storage = make_storage(scfg, NullTracker())
+study = optuna.create_study(study_name="s", storage=storage, load_if_exists=True)
+study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+print("trials", len(study.trials))
+"""
+
+
+def test_a_stale_journal_lock_of_a_killed_sweep_does_not_hang_the_rerun(tmp_path: Path) -> None:
+    # the lock a process killed while holding it leaves under the relative default path: a
+    # symlink whose relative target dangles; Optuna alone waits on it forever at full CPU
+    run = [sys.executable, "-c", _LOCKED_STUDY]
+    first = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0 and "trials 2" in first.stdout, first.stderr[-2000:]
+    lock = tmp_path / ".chaincomp" / "optuna.journal.lock"
+    os.symlink(".chaincomp/optuna.journal", lock)  # what a kill inside the lock leaves
+    assert lock.is_symlink() and not lock.exists()
+    rerun = subprocess.run(run, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "trials 4" in rerun.stdout  # the rerun resumed the study and finished
+    assert "removed the stale journal lock" in rerun.stderr
+    assert not lock.is_symlink()

@@ -15,6 +15,7 @@ number of the failed trial it replaces, which then no longer counts towards ``n_
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -26,6 +27,7 @@ from chaincomp.search.config import SearchConfig
 from chaincomp.tracking import NullTracker, Tracker
 
 HOST = socket.gethostname()
+log = logging.getLogger("chaincomp.search")
 
 
 def make_storage(scfg: SearchConfig, tracker: Tracker | NullTracker) -> optuna.storages.BaseStorage:
@@ -47,9 +49,25 @@ def make_storage(scfg: SearchConfig, tracker: Tracker | NullTracker) -> optuna.s
         )
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(scfg.storage)
+    # absolute: Optuna's lock is a symlink to the journal, and a relative target dangles (it
+    # resolves against the lock's folder), so a stale lock could never be told stale
+    path = Path(scfg.storage).expanduser().absolute()
     path.parent.mkdir(parents=True, exist_ok=True)
+    break_dangling_lock(path)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def break_dangling_lock(journal: Path) -> bool:
+    """Remove ``<journal>.lock`` when it is a symlink whose target does not exist: a lock left by
+    a process killed while holding it under a relative journal path, which Optuna's grace
+    period cannot expire (it waits forever). A live lock always points at the existing journal,
+    so it is never touched; a stale one with a valid target expires after Optuna's 30 s."""
+    lock = journal.with_name(journal.name + ".lock")
+    if lock.is_symlink() and not lock.exists():
+        lock.unlink(missing_ok=True)
+        log.warning("removed the stale journal lock %s (its target does not exist)", lock)
+        return True
+    return False
 
 
 def _alive(pid: int) -> bool:
@@ -129,6 +147,7 @@ def counted(study: optuna.Study) -> int:
 __all__ = [
     "HOST",
     "StaleHandler",
+    "break_dangling_lock",
     "close_runs",
     "counted",
     "make_storage",
