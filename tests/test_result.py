@@ -87,12 +87,3 @@ def test_a_step_without_validation_bitops_takes_the_test_splits() -> None:
     row = _row("P", "prune", 80.0, 300.0)
     del row["val_bitops"]
     assert StepResult.from_row(row).val_bitops == 300.0
-
-
-def test_prefix_is_the_chain_of_its_first_steps() -> None:
-    r = ChainResult.from_json(_summary())
-    p = r.prefix(1)
-    assert p.order == ("P",) and p.letters == "P" and p.last.test_metric == 89.0
-    assert p.bitops_ratio == 512.0
-    with pytest.raises(ValueError, match="no prefix of 3 steps"):
-        r.prefix(3)

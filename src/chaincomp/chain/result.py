@@ -156,22 +156,6 @@ class ChainResult:
     def val_metric_delta(self) -> float:
         return self.last.val_metric - self.baseline.val_metric
 
-    def prefix(self, k: int) -> ChainResult:
-        """The chain of the first ``k`` steps (the prefix cache makes it the same weights)."""
-        if not 0 <= k < len(self.steps):
-            raise ValueError(f"chain result: no prefix of {k} steps in {len(self.order)}")
-        return ChainResult(
-            self.task,
-            self.metric_name,
-            self.higher_is_better,
-            self.chain,
-            tuple(self.order[:k]),
-            self.letters[:k],
-            self.steps[: k + 1],
-            (),
-            self.mlflow_run_id,
-        )
-
     # -------------------------------------------------------------- JSON
     def to_json(self) -> dict[str, Any]:
         """The ``summary.json`` dict (plain JSON types; NaN stays a float)."""
