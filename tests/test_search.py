@@ -353,7 +353,7 @@ def postgres_url() -> Iterator[str]:
         conn.autocommit = True
         conn.cursor().execute("CREATE DATABASE optuna")
         conn.close()
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/optuna"
+        yield f"postgresql://postgres@127.0.0.1:{port}/optuna"  # as conf/search shows it
     finally:
         subprocess.run(
             [*as_user, pg_ctl, "-D", str(data / "db"), "-m", "immediate", "stop"],

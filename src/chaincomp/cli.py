@@ -8,6 +8,8 @@ directory and logs to MLflow.
 from __future__ import annotations
 
 import functools
+import os
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -271,12 +273,38 @@ hydra.run.dir=... chooses the run directory; --cfg job prints the composed confi
 """
 
 
+def _drop_if_empty(out: Path) -> None:
+    """Remove a run directory that holds nothing but Hydra's own files (a command that failed
+    before writing anything), so failures leave no empty ``runs/<cmd>/<time>/``."""
+    try:
+        own = {".hydra", f"{out.name}.log"} | {p.name for p in out.glob("*.log")}
+        if (
+            out.is_dir()
+            and all(p.name in own for p in out.iterdir())
+            and all(p.stat().st_size == 0 for p in out.glob("*.log"))
+        ):
+            shutil.rmtree(out, ignore_errors=True)
+            out.parent.rmdir()  # runs/<cmd>/ when it held only this one (else OSError)
+    except OSError:
+        pass
+
+
 def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
-        return fn(cfg)
+        result = fn(cfg)
     except ChaincompError as exc:
+        if command in WRITES_RUN_DIR:
+            _drop_if_empty(_output_dir())
         print(f"chaincomp {command}: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    if command in WRITES_RUN_DIR:
+        run_id = result.get("mlflow_run_id") if isinstance(result, dict) else None
+        print(f"run directory: {_output_dir()}" + (f"  MLflow run: {run_id}" if run_id else ""))
+    return result
+
+
+#: commands whose run directory holds their results (summary.json)
+WRITES_RUN_DIR = ("train", "cost", "run", "sweep")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     task = functools.partial(_guarded, command, COMMANDS[command])
     functools.update_wrapper(task, COMMANDS[command])
+    if not OmegaConf.has_resolver("chaincomp.pid"):
+        OmegaConf.register_new_resolver("chaincomp.pid", os.getpid)
     sys.argv = [f"chaincomp-{command}", *overrides, f"hydra.job.name={command}"]
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(task)
     app()

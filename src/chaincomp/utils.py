@@ -78,6 +78,23 @@ def write_csv(
     return atomic_write(path, lambda p: p.write_text(buf.getvalue()))
 
 
+def writable_dir(path: str | os.PathLike[str], key: str, allowed: str) -> Path:
+    """Create ``path`` (a directory) if needed and prove a file can be written in it; else a
+    one-line :class:`~chaincomp.errors.ConfigError` naming ``key``. Returns the path."""
+    from chaincomp.errors import ConfigError
+
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(key, f"cannot write in {str(path)!r} ({reason})", allowed) from None
+    return path
+
+
 def pyplot() -> Any:
     """``matplotlib.pyplot`` on the headless Agg backend (no display needed)."""
     import matplotlib

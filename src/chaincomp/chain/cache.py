@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from chaincomp.chain.spec import ChainSpec
 from chaincomp.pipeline import config_section, optim_config, trainer_config
 from chaincomp.stages import stages
+from chaincomp.utils import writable_dir
 
 log = logging.getLogger("chaincomp.cache")
 
@@ -147,6 +148,12 @@ class PrefixCache:
 
     def path(self, key: str) -> Path | None:
         return self.root / key if self.root else None
+
+    def check_writable(self, key: str = "chain.cache_dir") -> None:
+        """Raise :class:`ConfigError` naming ``key`` when entries could not be stored (checked
+        before anything trains; the cache turned off with null needs nothing)."""
+        if self.root is not None:
+            writable_dir(self.root, key, "a writable directory, or null to turn the cache off")
 
     def has(self, key: str) -> bool:
         p = self.path(key)

@@ -23,7 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.chain.cache import CacheStats, PrefixCache, entry_version, prefix_keys
-from chaincomp.chain.replay import replay, save_chain, trainable_names
+from chaincomp.chain.preflight import preflight_chain
+from chaincomp.chain.replay import replay, replay_info, save_chain, trainable_names
 from chaincomp.chain.result import METRIC_KEYS, ChainResult, from_rows
 from chaincomp.chain.spec import chain_spec
 from chaincomp.pipeline import (
@@ -76,6 +77,7 @@ def run_chain(
     module.to(device)
     keys = prefix_keys(cfg, spec)
     cache = PrefixCache(spec.cache_dir)
+    cache.check_writable()
     entry: dict[str, Any] = {
         **entry_version(),
         "data": {
@@ -90,6 +92,12 @@ def run_chain(
         "rows": [],
         "keys": [],
     }
+    # the dry pass (no training): bad settings stop here; the student built for the check
+    # must not move the seeded RNG the baseline's training draws from
+    with torch.random.fork_rng(devices=[]):
+        preflight_chain(spec.steps, module.net, dict(entry["model"]), replay_info(entry))
+    if parent is None:
+        tracker.reap_dead()  # runs a killed predecessor left RUNNING
     name = run_name or f"chain {spec.letters or 'baseline'}"
     all_tags = {"chaincomp.command": "run", "chaincomp.order": spec.letters, **(tags or {})}
     with tracker.run(name=name, parent=parent, tags=all_tags) as chain_run:

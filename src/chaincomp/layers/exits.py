@@ -175,15 +175,32 @@ class ExitNet(nn.Module):
         return dropped
 
 
-def backbone_of(net: nn.Module) -> StagedNet:
+def backbone_of(net: nn.Module, key: str = "stage.early_exit") -> StagedNet:
+    """The :class:`StagedNet` of ``net`` (itself or an ExitNet's backbone); else a
+    :class:`ConfigError` naming ``key``."""
     inner = net.backbone if isinstance(net, ExitNet) else net
     if not isinstance(inner, StagedNet):
         raise ConfigError(
-            "stage.early_exit",
+            key,
             f"{type(inner).__name__} exposes no exit points",
             "a StagedNet model (stem, stages, head)",
         )
     return inner
+
+
+def check_points(net: nn.Module, points: Sequence[int], key: str) -> StagedNet:
+    """The backbone of ``net`` when every exit point is one of its stages; else a
+    :class:`ConfigError` naming ``<key>.points`` (or ``key`` when it has no stages)."""
+    backbone = backbone_of(net, key)
+    n_stages = len(backbone.stages)
+    bad = [p for p in points if p >= n_stages]
+    if bad:
+        raise ConfigError(
+            f"{key}.points",
+            f"no stage {bad[0]} in {type(backbone).__name__} ({n_stages} stages)",
+            f"indices 0..{n_stages - 1}",
+        )
+    return backbone
 
 
 def stage_map_sizes(backbone: StagedNet, example: Tensor) -> list[int]:
@@ -202,15 +219,11 @@ def attach_exits(
     head_width: float,
     example: Tensor,
     exit_weight: float,
+    key: str = "stage.early_exit",
 ) -> ExitNet:
-    """Wrap ``module.net`` in an :class:`ExitNet` with new heads at ``points`` (in place)."""
-    backbone = backbone_of(module.net)
-    n_stages = len(backbone.stages)
-    bad = [p for p in points if p >= n_stages]
-    if bad:
-        raise ConfigError(
-            "stage.early_exit.points", f"no stage {bad[0]}", f"indices 0..{n_stages - 1}"
-        )
+    """Wrap ``module.net`` in an :class:`ExitNet` with new heads at ``points`` (in place);
+    errors name ``key`` (the settings' prefix)."""
+    backbone = check_points(module.net, points, key)
     device = next(backbone.parameters()).device
     sizes = stage_map_sizes(backbone, example.to(device))
     channels = backbone.exit_channels()

@@ -116,6 +116,33 @@ def _worker_entry(
     work(cfg, scfg, Path(out), parent_run_id, worker)
 
 
+def preflight_sweep(cfg: DictConfig, scfg: SearchConfig) -> None:
+    """Before the first trial: the prefix cache is writable and every step the search may
+    choose can run on every net a chain of them reaches (:func:`preflight_catalogue`), so a bad
+    setting stops the sweep with one line instead of failing every trial."""
+    import torch
+
+    from chaincomp.chain.cache import PrefixCache
+    from chaincomp.chain.preflight import preflight_catalogue
+    from chaincomp.chain.replay import replay_info
+    from chaincomp.pipeline import build_data, build_net
+
+    chain = OmegaConf.to_container(cfg.chain, resolve=True)
+    assert isinstance(chain, dict)
+    spec = chain_spec({"chain": {**chain, "order": list(scfg.stages)}})
+    PrefixCache(spec.cache_dir).check_writable()
+    with torch.random.fork_rng(devices=[]):
+        dm = build_data(cfg)
+        net = build_net(cfg, dm)
+        data = {
+            "in_channels": dm.in_channels,
+            "num_outputs": dm.num_outputs,
+            "image_size": list(dm.image_size),
+        }
+        model_cfg = dict(config_section(cfg, "model"))
+        preflight_catalogue(spec.steps, net, model_cfg, replay_info({"data": data}))
+
+
 def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Create or resume the study, run the workers, write ``summary.json``; returns it."""
     scfg = SearchConfig.from_cfg(cfg)
@@ -124,6 +151,7 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     out = Path(output_dir)
     tracker = make_tracker(tracking_config(cfg))
     storage = make_storage(scfg, tracker)
+    preflight_sweep(cfg, scfg)
     # the task's direction from its class: no data is loaded to learn it
     higher = TASKS[DataConfig.from_dict(config_section(cfg, "data")).task].higher_is_better
     study = optuna.create_study(

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
+from chaincomp.errors import ConfigError
 from chaincomp.search.config import SearchConfig
-from chaincomp.tracking import NullTracker, Tracker
+from chaincomp.tracking import HOST, NullTracker, Tracker, pid_alive
+from chaincomp.utils import writable_dir
 
-HOST = socket.gethostname()
 log = logging.getLogger("chaincomp.search")
 
 
@@ -41,20 +41,54 @@ def make_storage(scfg: SearchConfig, tracker: Tracker | NullTracker) -> optuna.s
             if "heartbeat_stale_trial_callback" in params
             else "failed_trial_callback"
         )
-        return optuna.storages.RDBStorage(
-            scfg.storage,
-            heartbeat_interval=scfg.heartbeat_interval,
-            grace_period=scfg.grace_period,
-            **{key: StaleHandler(tracker, scfg.retry_stale)},  # type: ignore[arg-type]
-        )
+        try:
+            return optuna.storages.RDBStorage(
+                scfg.storage,
+                heartbeat_interval=scfg.heartbeat_interval,
+                grace_period=scfg.grace_period,
+                **{key: StaleHandler(tracker, scfg.retry_stale)},  # type: ignore[arg-type]
+            )
+        except ModuleNotFoundError as exc:
+            raise ConfigError(
+                "search.storage",
+                f"the database driver {exc.name!r} is not installed",
+                "pip install 'chaincomp[postgres]' (psycopg 3, which postgresql://... uses), "
+                "or a journal file path",
+            ) from None
+        except Exception as exc:  # SQLAlchemy: refused, unknown host, bad password, ...
+            raise ConfigError(
+                "search.storage",
+                f"cannot open {_redact(scfg.storage)} ({type(exc).__name__}: {_first_line(exc)})",
+                "a reachable database URL (postgresql://user@host/db) or a journal file path",
+            ) from None
     from optuna.storages.journal import JournalFileBackend
 
     # absolute: Optuna's lock is a symlink to the journal, and a relative target dangles (it
     # resolves against the lock's folder), so a stale lock could never be told stale
     path = Path(scfg.storage).expanduser().absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    allowed = "a journal file in a writable folder, or postgresql://user@host/db"
+    writable_dir(path.parent, "search.storage", allowed)
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        raise ConfigError("search.storage", f"cannot write the journal {str(path)!r}", allowed)
     break_dangling_lock(path)
     return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of the innermost cause (SQLAlchemy wraps the driver's message)."""
+    inner = getattr(exc, "orig", None) or exc
+    text = str(inner).strip()
+    return (text.splitlines()[0] if text else type(inner).__name__)[:300]
+
+
+def _redact(url: str) -> str:
+    """The URL without its password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
 
 
 def break_dangling_lock(journal: Path) -> bool:
@@ -70,35 +104,10 @@ def break_dangling_lock(journal: Path) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (killed, not yet reaped) is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def close_runs(tracker: Tracker | NullTracker, run_id: str | None, status: str = "KILLED") -> None:
     """Terminate a chain run and every descendant still RUNNING (a killed worker's runs)."""
-    if not run_id or not isinstance(tracker, Tracker):
-        return
-    client = tracker.client
-    todo = [run_id]
-    while todo:
-        rid = todo.pop()
-        children = client.search_runs(
-            [tracker.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rid}'"
-        )
-        todo.extend(r.info.run_id for r in children)
-        if client.get_run(rid).info.status == "RUNNING":
-            client.set_tag(rid, "error", "worker died during the trial")
-            client.set_terminated(rid, status)
+    if run_id and isinstance(tracker, Tracker):
+        tracker.close_tree(run_id, status, "worker died during the trial")
 
 
 class StaleHandler:
@@ -124,7 +133,7 @@ def reap_stale(
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-        if host != HOST or pid is None or pid == os.getpid() or _alive(int(pid)):
+        if host != HOST or pid is None or pid == os.getpid() or pid_alive(int(pid)):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:

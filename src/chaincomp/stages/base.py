@@ -300,6 +300,18 @@ class Stage(pl.Callback, ABC, Generic[S, R]):
         self.finalize(module, ctx, record)
         return record
 
+    def preflight(
+        self, net: nn.Module, model_cfg: dict[str, Any], info: ReplayInfo
+    ) -> tuple[nn.Module, dict[str, Any]] | None:
+        """The dry check before anything trains (the runner calls it for every step on the
+        untrained nets the chain would hand that step, see :func:`chaincomp.chain.preflight`):
+        raise :class:`ConfigError` naming ``<settings.prefix>.<key>``, the key the user typed,
+        when this step cannot run on ``net`` (``model_cfg`` is its architecture config). A step
+        that replaces the net returns the new untrained net and its config; the others return
+        None. Contract: no data, no training, ``net`` is left unchanged. Default: nothing to
+        check."""
+        return None
+
     def summary(self) -> dict[str, float]:
         out = {k: float(v) for k, v in self._summary.items()}
         bad = [k for k, v in out.items() if not math.isfinite(v)]

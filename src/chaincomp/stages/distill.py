@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from chaincomp.errors import ConfigError
 from chaincomp.models import build_model, model_names
 from chaincomp.module import CompressibleModule
 from chaincomp.stages.base import (
@@ -73,6 +74,36 @@ def student_config(current: dict[str, Any], s: DistillSettings) -> dict[str, Any
     return cfg
 
 
+def build_student(
+    current: dict[str, Any],
+    s: DistillSettings,
+    in_channels: int,
+    num_outputs: int,
+    image_size: tuple[int, int],
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The (untrained) student and its config; a student that cannot be built is a
+    :class:`ConfigError` naming the D key the user typed (``<prefix>.width_mult`` when the
+    model takes no ``width_mult``, else ``<prefix>.student``)."""
+    cfg = student_config(current, s)
+    try:
+        return build_model(cfg, in_channels, num_outputs, image_size), cfg
+    except ConfigError as exc:
+        target = cfg.get("_target_")
+        if exc.key == "model.width_mult":
+            raise ConfigError(
+                f"{s.prefix}.width_mult",
+                f"{s.width_mult} needs a student with a width_mult argument, and {target} has none",
+                f"1.0 (the same architecture, full width) or a student that takes width_mult "
+                f"(+model@{s.prefix}.student=<name>, <name> one of {model_names()})",
+            ) from None
+        what = "the student" if s.student is not None else "the current architecture"
+        raise ConfigError(
+            f"{s.prefix}.student",
+            f"{what} ({target}) cannot be built: {exc}",
+            f"null or +model@{s.prefix}.student=<name>, <name> one of {model_names()}",
+        ) from None
+
+
 def teacher_forward(teacher: nn.Module, x: Tensor) -> Tensor:
     """The teacher's final output on the whole batch (no early exit)."""
     forward_all = getattr(teacher, "forward_all", None)
@@ -112,8 +143,10 @@ class Distill(Stage[DistillSettings, DistillRecord]):
         dm = ctx.dm
         teacher = module.net
         device = next(teacher.parameters()).device
-        cfg = student_config(ctx.model_cfg, s)
-        student = build_model(cfg, dm.in_channels, dm.num_outputs, dm.image_size).to(device)
+        student, cfg = build_student(
+            ctx.model_cfg, s, dm.in_channels, dm.num_outputs, dm.image_size
+        )
+        student.to(device)
         before = [r.stage for r in ctx.in_force()]
         module.net = student
         moved = ctx.replaced(module, teacher)
@@ -177,6 +210,14 @@ class Distill(Stage[DistillSettings, DistillRecord]):
         module.task_weight = 1.0
         self._teacher = None
         self._deferred = []
+
+    def preflight(
+        self, net: nn.Module, model_cfg: dict[str, Any], info: ReplayInfo
+    ) -> tuple[nn.Module, dict[str, Any]]:
+        """Build the student (untrained): a bad ``student`` or ``width_mult`` fails here."""
+        return build_student(
+            model_cfg, self.settings, info.in_channels, info.num_outputs, info.image_size
+        )
 
     @classmethod
     def replay(cls, module: CompressibleModule, record: DistillRecord, info: ReplayInfo) -> None:

@@ -20,7 +20,14 @@ import torch
 from torch import Tensor, nn
 
 from chaincomp.cost import CostReport
-from chaincomp.layers.exits import HEADS, ExitHead, ExitNet, attach_exits, backbone_of
+from chaincomp.layers.exits import (
+    HEADS,
+    ExitHead,
+    ExitNet,
+    attach_exits,
+    backbone_of,
+    check_points,
+)
 from chaincomp.module import CompressibleModule
 from chaincomp.stages.base import ReplayInfo, Stage, StageContext, StageRecord, StageSettings
 from chaincomp.tasks import Task
@@ -211,12 +218,11 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
 
     def apply(self, module: CompressibleModule, ctx: StageContext) -> EarlyExitRecord:
         s = self.settings
-        backbone = backbone_of(module.net)
-        points = list(s.points) if s.points is not None else list(range(len(backbone.stages) - 1))
+        points = self.points_on(module.net)
         if isinstance(module.net, ExitNet):  # E after E: replace the heads
             module.net = module.net.backbone
         net = attach_exits(
-            module, points, s.head, s.head_width, ctx.dm.example_input(1), s.exit_weight
+            module, points, s.head, s.head_width, ctx.dm.example_input(1), s.exit_weight, s.prefix
         )
         net.selection = (
             {"mode": "validation", "max_loss": s.max_loss}
@@ -258,6 +264,23 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
             record.dropped_points = chosen["dropped_points"]
             record.points = list(net.points)  # replay builds the heads that remain
         self._summary = {"exits": len(net.points), "threshold": min(float(net.threshold), 2.0)}
+
+    def points_on(self, net: nn.Module) -> list[int]:
+        """The exit points on ``net`` (default: after every stage but the last), checked: a
+        net without stages or a point past its last stage is a :class:`ConfigError` naming
+        ``<prefix>.points``."""
+        s = self.settings
+        backbone = backbone_of(net, s.prefix)
+        points = list(s.points) if s.points is not None else list(range(len(backbone.stages) - 1))
+        check_points(net, points, s.prefix)
+        return points
+
+    def preflight(
+        self, net: nn.Module, model_cfg: dict[str, Any], info: ReplayInfo
+    ) -> tuple[nn.Module, dict[str, Any]] | None:
+        """The net must be a StagedNet with every exit point one of its stages."""
+        self.points_on(net)
+        return None
 
     @classmethod
     def replay(cls, module: CompressibleModule, record: EarlyExitRecord, info: ReplayInfo) -> None:

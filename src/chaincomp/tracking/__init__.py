@@ -1,6 +1,7 @@
 """MLflow tracking: runs with explicit parents, flattened params, metrics and artifacts."""
 
 from chaincomp.tracking.mlflow_tracker import (
+    HOST,
     MlflowMetricsCallback,
     NullTracker,
     Run,
@@ -8,9 +9,11 @@ from chaincomp.tracking.mlflow_tracker import (
     TrackingConfig,
     flatten,
     make_tracker,
+    pid_alive,
 )
 
 __all__ = [
+    "HOST",
     "MlflowMetricsCallback",
     "NullTracker",
     "Run",
@@ -18,4 +21,5 @@ __all__ = [
     "TrackingConfig",
     "flatten",
     "make_tracker",
+    "pid_alive",
 ]

@@ -2,14 +2,25 @@
 
 Runs are opened with an explicit parent (``mlflow.parentRunId`` tag), so sweeps can nest
 sweep -> chain -> stage without relying on MLflow's thread-local active run. A run left by an
-exception is marked FAILED with the reason as a tag; nothing stays RUNNING.
+exception is marked FAILED with the reason as a tag; nothing stays RUNNING: every run carries
+the host and pid of its process (``chaincomp.host``, ``chaincomp.pid``), and a run its process
+left RUNNING when it was killed is closed as KILLED by the next chain started on that host
+(:meth:`Tracker.reap_dead`).
+
+The store is opened once per process under a file lock (a SQLite store: ``<db>.lock`` beside
+it), so processes started together never race MLflow's schema creation or create the
+experiment twice; a store that cannot be opened is one :class:`ConfigError` naming
+``tracking.uri``.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import math
 import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +33,72 @@ import pytorch_lightning as pl
 from chaincomp.errors import ConfigError
 
 MAX_PARAM_LEN = 6000
+HOST = socket.gethostname()
+log = logging.getLogger("chaincomp.tracking")
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+@contextmanager
+def store_lock(uri: str) -> Iterator[None]:
+    """An exclusive lock for creating the store ``uri``: ``<db>.lock`` beside a SQLite file (its
+    folder is created), else one per URI in the temp folder (other stores create their schema
+    server-side; the lock still keeps two local processes from creating one experiment twice)."""
+    import hashlib
+
+    if uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///") :]).expanduser()
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                "tracking.uri", f"cannot create the folder of {str(db)!r} ({exc.strerror})"
+            ) from None
+        lock = db.with_name(db.name + ".lock")
+    else:
+        digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
+        lock = Path(tempfile.gettempdir()) / f"chaincomp-mlflow-{digest}.lock"
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise ConfigError(
+            "tracking.uri", f"cannot write beside the store ({lock}: {exc.strerror})"
+        ) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _probe_server(uri: str, timeout: float = 5.0) -> None:
+    """A tracking server that does not answer is one line, not MLflow's minutes of retries."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname or "", port), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(
+            "tracking.uri",
+            f"no tracking server answers at {uri} ({exc.strerror or exc})",
+            "a running server (mlflow server ...), sqlite:///path.db, or tracking=none",
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -116,11 +193,26 @@ class Tracker:
 
         self.cfg = cfg
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        self.client = MlflowClient(tracking_uri=cfg.uri)
-        exp = self.client.get_experiment_by_name(cfg.experiment)
-        self.experiment_id = (
-            exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
-        )
+        if cfg.uri.startswith(("http://", "https://")):
+            _probe_server(cfg.uri)
+        with store_lock(cfg.uri):
+            try:
+                self.client = MlflowClient(tracking_uri=cfg.uri)
+                exp = self.client.get_experiment_by_name(cfg.experiment)
+                self.experiment_id = (
+                    exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+                )
+            except ConfigError:
+                raise
+            except Exception as exc:  # MLflow / SQLAlchemy / driver: many types, one line
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise ConfigError(
+                    "tracking.uri",
+                    f"cannot open the MLflow store {cfg.uri!r} ({type(exc).__name__}: "
+                    f"{first[:300]})",
+                    "sqlite:///path.db, postgresql://user@host/db, http://host:port, "
+                    "or tracking=none",
+                ) from None
 
     @contextmanager
     def run(
@@ -131,7 +223,7 @@ class Tracker:
     ) -> Iterator[Run]:
         """Open a run (child of ``parent`` when given); FINISHED on exit, FAILED on an exception
         (with the exception as the ``error`` tag), KILLED on KeyboardInterrupt."""
-        all_tags = dict(tags or {})
+        all_tags = {"chaincomp.host": HOST, "chaincomp.pid": os.getpid(), **(tags or {})}
         if parent is not None and parent.run_id:
             all_tags["mlflow.parentRunId"] = parent.run_id
         info = self.client.create_run(
@@ -150,6 +242,48 @@ class Tracker:
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
+    def close_tree(
+        self, run_id: str, status: str = "KILLED", reason: str = "its process died"
+    ) -> int:
+        """Terminate run ``run_id`` and every descendant still RUNNING as ``status`` (with
+        ``reason`` as the ``error`` tag); returns how many were closed."""
+        todo, closed = [run_id], 0
+        while todo:
+            rid = todo.pop()
+            children = self.client.search_runs(
+                [self.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{rid}'"
+            )
+            todo.extend(r.info.run_id for r in children)
+            if self.client.get_run(rid).info.status == "RUNNING":
+                self.client.set_tag(rid, "error", reason)
+                self.client.set_terminated(rid, status)
+                closed += 1
+        return closed
+
+    def reap_dead(self) -> int:
+        """Close as KILLED every run of this experiment left RUNNING by a process of this host
+        that is gone (killed: SIGKILL, out of memory, a lost machine), with its descendants;
+        says so in one log line; returns how many runs were closed. Runs of live processes and
+        of other hosts are never touched."""
+        found = self.client.search_runs(
+            [self.experiment_id],
+            filter_string=f"attributes.status = 'RUNNING' and tags.`chaincomp.host` = '{HOST}'",
+        )
+        closed, pids = 0, set()
+        for r in found:
+            pid = r.data.tags.get("chaincomp.pid", "")
+            if not pid.isdigit() or pid_alive(int(pid)):
+                continue
+            closed += self.close_tree(r.info.run_id, reason=f"its process (pid {pid}) died")
+            pids.add(int(pid))
+        if closed:
+            log.warning(
+                "closed %d MLflow run(s) left RUNNING by killed process(es) %s as KILLED",
+                closed,
+                ", ".join(map(str, sorted(pids))),
+            )
+        return closed
+
 
 class NullTracker:
     """Same interface as :class:`Tracker`; records nothing (``tracking.enabled=false``)."""
@@ -164,6 +298,9 @@ class NullTracker:
         tags: Mapping[str, Any] | None = None,
     ) -> Iterator[Run]:
         yield Run(None, None)
+
+    def reap_dead(self) -> int:
+        return 0
 
 
 def make_tracker(cfg: TrackingConfig) -> Tracker | NullTracker:
