@@ -99,6 +99,57 @@ def test_bad_settings_stop_before_the_baseline_trains(
     assert not list((tmp_path / "cache").iterdir())  # nothing stored, nothing trained
 
 
+def test_a_bad_baseline_checkpoint_is_one_line_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from chaincomp.models import build_model
+
+    monkeypatch.setattr("chaincomp.chain.runner.fine_tuner", _never_train)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    other = tmp_path / "other.pt"  # a half-width SmallCNN's weights for the full-width one
+    net = build_model({"_target_": "chaincomp.models.SmallCNN", "width_mult": 0.5}, 1, 10, (8, 8))
+    torch.save(net.state_dict(), other)
+    for path, says in ((garbage, "is not a readable state dict"), (other, "other shape")):
+        cfg = compose_cfg(
+            *TINY,
+            *QUIET,
+            f"chain.cache_dir={tmp_path / 'cache'}",
+            "chain.order=[P]",
+            f"chain.baseline.checkpoint={path}",
+        )
+        with pytest.raises(ConfigError) as err:
+            run_chain(cfg, tmp_path / "out")
+        assert err.value.key == "chain.baseline.checkpoint" and says in str(err.value)
+        assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "says"),
+    [
+        (
+            ("chain.steps.P.settings.ratio=abc",),
+            "chain.steps.P.settings.ratio: invalid value 'abc'; allowed: a number",
+        ),
+        (
+            ("model=custom", "model._target_=nope.Net"),
+            "model._target_: cannot import 'nope.Net' (ModuleNotFoundError: No module named 'nope')",
+        ),
+    ],
+    ids=["ratio-abc", "missing-module"],
+)
+def test_bad_values_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, overrides: tuple[str, ...], says: str
+) -> None:
+    monkeypatch.setattr("chaincomp.chain.runner.fine_tuner", _never_train)
+    cfg = compose_cfg(*TINY, *QUIET, f"chain.cache_dir={tmp_path / 'cache'}", *overrides)
+    with pytest.raises(ConfigError) as err:
+        run_chain(cfg, tmp_path / "out")
+    assert str(err.value).startswith(says) and "\n" not in str(err.value)
+
+
 def test_an_unwritable_cache_dir_stops_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -251,6 +302,34 @@ def test_a_rerun_closes_the_runs_its_killed_predecessor_left_running(tmp_path: P
     assert sorted(finished) == ["1:P", "baseline", "baseline", "chain P"]
 
 
+def test_sigterm_exits_143_with_its_runs_killed(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    args = _chaincomp(
+        "run",
+        *TINY,
+        "trainer.limit_train_batches=null",
+        "chain.order=[P]",
+        "chain.steps.P.settings.epochs=12",
+        f"tracking.uri=sqlite:///{db}",
+        f"chain.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={tmp_path / 'out'}",
+    )
+    proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if ("1:P", "RUNNING") in _peek(db):
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            break
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert "terminated (SIGTERM)" in err.decode()
+    status = dict(_peek(db))
+    assert status["chain P"] == "KILLED" and status["1:P"] == "KILLED"
+    assert "RUNNING" not in status.values()
+
+
 # ------------------------------------------------------------------ the SIGKILL battery
 
 
@@ -362,3 +441,11 @@ def test_sigkill_battery_nothing_hangs_nothing_stays_running_every_entry_loads(
     entries = [p.name for p in cache.iterdir() if not p.name.startswith(".")]
     assert entries and all(PrefixCache(cache).load(k) is not None for k in entries)
     assert len(landed) >= 3, f"kills landed at {landed}"
+
+
+@pytest.mark.parametrize("size", [0, -3, 2.5, "big", True])
+def test_a_bad_image_size_is_one_line(size: object) -> None:
+    from chaincomp.data import DataConfig
+
+    with pytest.raises(ConfigError, match=r"^data.image_size: .* invalid; allowed: null"):
+        DataConfig(name="digits", image_size=size)  # type: ignore[arg-type]

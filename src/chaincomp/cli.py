@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -289,9 +290,33 @@ def _drop_if_empty(out: Path) -> None:
         pass
 
 
+class Terminated(SystemExit):
+    """Raised in the main thread on SIGTERM: runs close as KILLED, the exit status is 143."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
 def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     try:
         result = fn(cfg)
+    except KeyboardInterrupt:
+        print(
+            f"chaincomp {command}: interrupted; its MLflow runs are closed as KILLED",
+            file=sys.stderr,
+        )
+        sys.exit(130)
+    except SystemExit as exc:
+        # SIGTERM: ours (Terminated) or Lightning's SIGTERMException (a SystemExit of code 0
+        # raised by its own handler during fit): a scheduler must not see success
+        if isinstance(exc, Terminated) or type(exc).__name__ == "SIGTERMException":
+            print(
+                f"chaincomp {command}: terminated (SIGTERM); its MLflow runs are closed as KILLED",
+                file=sys.stderr,
+            )
+            sys.exit(128 + signal.SIGTERM)
+        raise
     except ChaincompError as exc:
         if command in WRITES_RUN_DIR:
             _drop_if_empty(_output_dir())
@@ -323,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     task = functools.partial(_guarded, command, COMMANDS[command])
     functools.update_wrapper(task, COMMANDS[command])
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if not OmegaConf.has_resolver("chaincomp.pid"):
         OmegaConf.register_new_resolver("chaincomp.pid", os.getpid)
     sys.argv = [f"chaincomp-{command}", *overrides, f"hydra.job.name={command}"]

@@ -12,6 +12,7 @@ renamed into place, so concurrent workers never see half an entry.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from chaincomp.chain.preflight import preflight_chain
 from chaincomp.chain.replay import replay, replay_info, save_chain, trainable_names
 from chaincomp.chain.result import METRIC_KEYS, ChainResult, from_rows
 from chaincomp.chain.spec import chain_spec
+from chaincomp.errors import ConfigError
 from chaincomp.pipeline import (
     build_data,
     build_module,
@@ -96,6 +98,8 @@ def run_chain(
     # must not move the seeded RNG the baseline's training draws from
     with torch.random.fork_rng(devices=[]):
         preflight_chain(spec.steps, module.net, dict(entry["model"]), replay_info(entry))
+        if spec.baseline_checkpoint:  # readable and of this architecture (checked on a copy)
+            load_checkpoint(spec.baseline_checkpoint, copy.deepcopy(module.net))
     if parent is None:
         tracker.reap_dead()  # runs a killed predecessor left RUNNING
     name = run_name or f"chain {spec.letters or 'baseline'}"
@@ -166,10 +170,7 @@ def run_chain(
                         tcfg.max_epochs if spec.baseline_epochs is None else spec.baseline_epochs
                     )
                     if spec.baseline_checkpoint:
-                        state = torch.load(
-                            spec.baseline_checkpoint, map_location="cpu", weights_only=True
-                        )
-                        module.net.load_state_dict(state, strict=True)
+                        load_checkpoint(spec.baseline_checkpoint, module.net)
                         train_time = 0.0
                     else:
                         train_time = fine_tune(run, "baseline/")(module, epochs)
@@ -263,6 +264,46 @@ def run_chain(
         chain_run.log_artifact(out / "summary.json")
         chain_run.log_artifact(out / "chain" / "entry.json")
     return result
+
+
+def load_checkpoint(path: str, net: torch.nn.Module) -> None:
+    """Load the baseline state dict ``path`` into ``net`` (strictly); a file that is not a
+    state dict, or one of another architecture, is one :class:`ConfigError` naming
+    ``chain.baseline.checkpoint``."""
+    key, allowed = (
+        "chain.baseline.checkpoint",
+        "a state dict saved by `chaincomp train` (baseline.pt) for this model",
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(
+            key, f"{path!r} is not a readable state dict ({reason})", allowed
+        ) from None
+    if not isinstance(state, Mapping):
+        raise ConfigError(
+            key, f"{path!r} holds a {type(state).__name__}, not a state dict", allowed
+        )
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError:
+        own = net.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        detail = "; ".join(
+            f"{what} {len(keys)} (e.g. {keys[0]})"
+            for what, keys in (
+                ("missing", missing),
+                ("unexpected", unexpected),
+                ("other shape", shapes),
+            )
+            if keys
+        )
+        raise ConfigError(
+            key, f"{path!r} does not fit {type(net).__name__}: {detail}", allowed
+        ) from None
 
 
 def later_effects(ctx: StageContext, record: StageRecord, module: Any) -> list[StageRecord]:

@@ -64,6 +64,13 @@ class DataConfig:
             raise ConfigError(
                 "data.max_train_samples", f"{self.max_train_samples} invalid", ">= 1 or null"
             )
+        size = self.image_size
+        if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+            raise ConfigError(
+                "data.image_size",
+                f"{size!r} invalid",
+                "null (the images' own size) or an integer >= 1 (image folders are resized to it)",
+            )
         if self.channels not in (None, 1, 3):
             raise ConfigError("data.channels", f"{self.channels} invalid", "1, 3 or null")
         if (self.mean is None) != (self.std is None):

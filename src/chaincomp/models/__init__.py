@@ -56,8 +56,10 @@ def build_model(
     try:
         cls = get_object(str(target))
     except Exception as exc:
+        cause = exc.__cause__ or exc  # Hydra wraps the ImportError in a multi-line message
+        reason = f"{type(cause).__name__}: {' '.join(str(cause).split())}"
         raise ConfigError(
-            "model._target_", f"cannot import {target!r} ({exc})", "an importable class path"
+            "model._target_", f"cannot import {target!r} ({reason})", "an importable class path"
         ) from None
     kwargs = {k: v for k, v in cfg.items() if k not in META_KEYS}
     params = inspect.signature(cls).parameters

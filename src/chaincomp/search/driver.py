@@ -190,14 +190,20 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 )
                 for i in range(scfg.n_workers)
             ]
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+            try:
+                for p in procs:
+                    p.start()
+                for p in procs:
+                    p.join()
+            finally:  # interrupted (Ctrl-C, SIGTERM): no worker outlives the sweep
+                for p in procs:
+                    if p.is_alive():
+                        p.terminate()
+                        p.join(10)
             bad = [p.exitcode for p in procs if p.exitcode]
             if bad:
                 raise ChaincompError(f"{len(bad)} sweep worker(s) exited with codes {bad}")
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM
         status = "KILLED"
         raise
     except BaseException:

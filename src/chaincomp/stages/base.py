@@ -83,6 +83,8 @@ class StageSettings:
                 values[key] = int(value)
             if "int" in hint and "float" not in hint and isinstance(value, str):
                 raise ConfigError(f"{prefix}.{key}", f"invalid value {value!r}", "an integer")
+            if "float" in hint and isinstance(value, str):
+                raise ConfigError(f"{prefix}.{key}", f"invalid value {value!r}", "a number")
             if hint in ("tuple[int, ...]", "tuple[str, ...]") and isinstance(value, list):
                 values[key] = tuple(value)
         try:

@@ -222,7 +222,8 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
     ) -> Iterator[Run]:
         """Open a run (child of ``parent`` when given); FINISHED on exit, FAILED on an exception
-        (with the exception as the ``error`` tag), KILLED on KeyboardInterrupt."""
+        (with the exception as the ``error`` tag), KILLED on KeyboardInterrupt or SystemExit
+        (Ctrl-C, SIGTERM)."""
         all_tags = {"chaincomp.host": HOST, "chaincomp.pid": os.getpid(), **(tags or {})}
         if parent is not None and parent.run_id:
             all_tags["mlflow.parentRunId"] = parent.run_id
@@ -233,7 +234,8 @@ class Tracker:
         run = Run(self.client, run_id)
         try:
             yield run
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the CLI raises SystemExit)
+            self.client.set_tag(run_id, "error", "interrupted (SIGINT / SIGTERM)")
             self.client.set_terminated(run_id, "KILLED")
             raise
         except BaseException as exc:
