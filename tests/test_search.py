@@ -714,3 +714,62 @@ def test_a_stale_journal_lock_of_a_killed_sweep_does_not_hang_the_rerun(tmp_path
     assert "trials 4" in rerun.stdout  # the rerun resumed the study and finished
     assert "removed the stale journal lock" in rerun.stderr
     assert not lock.is_symlink()
+
+
+# ---------------------------------------------------------------- seeds, budget, cache use
+
+
+def test_the_configured_chain_is_trial_0_and_seeds_are_not_repeated_on_resume(
+    tmp_path: Path,
+) -> None:
+    from chaincomp.chain import run_chain
+
+    args = _sweep_args(
+        tmp_path,
+        "chain.order=[P,Q]",
+        "search.orders=[PQ,QP,P]",
+        "search.sampler=random",
+        "search.name=seeded",
+        "search.n_trials=3",
+        "+search.seed_chains=[{order: QP, quantize.w_bits: 8}]",
+        "tracking.enabled=false",
+    )
+    cfg = compose_cfg(*args)
+    # the hand-set chain, run first by hand: the seeded trial finds all of it in the cache
+    run_chain(cfg, tmp_path / "by-hand")
+    summary = sweep(cfg, tmp_path / "out")
+    study = _journal_study(tmp_path / "study.journal", "seeded")
+    t0, t1 = study.trials[0], study.trials[1]
+    assert t0.user_attrs["seed"] == "configured" and t0.params["order"] == "PQ"
+    assert t0.params["prune.ratio"] == cfg.chain.steps.P.settings.ratio
+    assert t0.params["quantize.w_bits"] == cfg.chain.steps.Q.settings.w_bits
+    assert (t0.user_attrs["stage_runs"], t0.user_attrs["cached_steps"]) == (0, 2)
+    assert t1.user_attrs["seed"] == "seed_chains[0]" and t1.params["order"] == "QP"
+    assert t1.params["quantize.w_bits"] == 8
+    assert summary["seeds"] == {"configured": 0, "seed_chains[0]": 1}
+    assert summary["cached_steps"] >= 2 and 0 < summary["cache_hit_rate"] <= 1
+    again = sweep(compose_cfg(*args[:-2], "search.n_trials=4", args[-1]), tmp_path / "out2")
+    study = _journal_study(tmp_path / "study.journal", "seeded")
+    assert len(study.trials) == 4 and again["seeds"] == summary["seeds"]
+    assert [t.number for t in study.trials if "seed" in t.user_attrs] == [0, 1]
+
+
+def test_a_budget_in_epochs_stops_the_sweep(tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "chain.order=[P,Q]",
+            "search.orders=[PQ,QP,P,Q]",
+            "search.sampler=random",
+            "search.name=budget",
+            "search.n_trials=10",
+            "search.budget_epochs=5",
+            "tracking.enabled=false",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    study = _journal_study(tmp_path / "study.journal", "budget")
+    spent = [t.user_attrs["epochs_trained"] for t in study.trials]
+    # trial 0 (PQ): the baseline's 2 epochs + 1 + 1; the sweep stops once 5 are spent
+    assert spent[0] == 4 and sum(spent[:-1]) < 5 <= sum(spent)
+    assert summary["epochs_trained"] == sum(spent) and summary["trials"] == len(spent) < 10

@@ -135,6 +135,19 @@ def cmd_cost(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def step_note(step: Any) -> str:
+    """What a step did that its numbers do not show: how many exits E kept and how many test
+    samples left early (an E row equal to the row before means it kept none)."""
+    exits = step.extra.get("early_exit.exits")
+    if exits is None:
+        return ""
+    if not exits:
+        return "0 exits kept (none within max_loss)"
+    rates = step.extra.get("test_exit_rates") or []
+    early = 100.0 * sum(rates[:-1]) if len(rates) > 1 else 0.0
+    return f"{int(exits)} exit(s) kept, {early:.0f}% of test samples leave early"
+
+
 def print_chain_table(result: ChainResult, dataset: str = "") -> None:
     """One row per step (baseline first): metric, cost and the ratios against the baseline."""
     from rich.table import Table
@@ -153,6 +166,7 @@ def print_chain_table(result: ChainResult, dataset: str = "") -> None:
         "size MB",
         "BitOps x",
         "cached",
+        "note",
     ):
         table.add_column(col, justify="left" if col in ("step", "stage") else "right")
     for r in result.steps:
@@ -167,6 +181,7 @@ def print_chain_table(result: ChainResult, dataset: str = "") -> None:
             f"{r.size_mb:.4f}",
             f"{base.bitops / max(r.bitops, 1e-12):.1f}",
             "yes" if r.cached else "",
+            step_note(r),
         )
     console().print(table)
     console().print(
@@ -299,6 +314,9 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
+    from chaincomp.console import quiet
+
+    quiet(bool(cfg.get("verbose", False)))
     try:
         result = fn(cfg)
     except KeyboardInterrupt:
@@ -340,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, overrides = args[0], args[1:]
+    if "-v" in overrides or "--verbose" in overrides:
+        overrides = [a for a in overrides if a not in ("-v", "--verbose")] + ["verbose=true"]
     if command not in COMMANDS:
         print(
             f"chaincomp: error: command: unknown {command!r}; allowed: {', '.join(COMMANDS)}",

@@ -16,6 +16,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.callbacks import ProgressBar
 from torch import nn
 
 from chaincomp.cost import CostReport, count_cost, expected_cost
@@ -79,6 +80,9 @@ class TrainerConfig:
     def make(
         self, callbacks: Sequence[pl.Callback] = (), max_epochs: int | None = None
     ) -> pl.Trainer:
+        from chaincomp.console import progress_bars
+
+        bars = progress_bars(self.enable_progress_bar)  # on a terminal only
         return pl.Trainer(
             max_epochs=self.max_epochs if max_epochs is None else max_epochs,
             accelerator=self.accelerator,
@@ -88,9 +92,9 @@ class TrainerConfig:
             limit_train_batches=self.limit_train_batches,
             check_val_every_n_epoch=self.check_val_every_n_epoch,
             log_every_n_steps=self.log_every_n_steps,
-            enable_progress_bar=self.enable_progress_bar,
+            enable_progress_bar=bars,
             deterministic=self.deterministic,
-            callbacks=list(callbacks),
+            callbacks=[c for c in callbacks if bars or not isinstance(c, ProgressBar)],
             logger=False,
             enable_checkpointing=False,
             enable_model_summary=False,

@@ -83,12 +83,16 @@ def code_fingerprint() -> str:
 
 @dataclass
 class CacheStats:
-    """How many stage executions a run (or a series of runs) did and skipped."""
+    """How many stage executions a run (or a series of runs) did and skipped: ``executed``
+    stage runs (the baseline not counted), ``reused`` steps taken from the cache,
+    ``baselines_trained``, ``stale`` entries ignored, and ``epochs`` of training spent (the
+    baseline's and every executed step's)."""
 
     executed: int = 0
     reused: int = 0
     baselines_trained: int = 0
     stale: int = 0
+    epochs: int = 0
     executed_keys: list[str] = field(default_factory=list)
 
 

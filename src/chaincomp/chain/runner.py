@@ -28,6 +28,7 @@ from chaincomp.chain.preflight import preflight_chain
 from chaincomp.chain.replay import replay, replay_info, save_chain, trainable_names
 from chaincomp.chain.result import METRIC_KEYS, ChainResult, from_rows
 from chaincomp.chain.spec import chain_spec
+from chaincomp.console import StepProgressBar
 from chaincomp.errors import ConfigError
 from chaincomp.pipeline import (
     build_data,
@@ -110,8 +111,9 @@ def run_chain(
         chain_run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         chain_run.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
 
-        def fine_tune(run: Run, prefix: str) -> Callable[..., float]:
-            return fine_tuner(dm, tcfg, [MlflowMetricsCallback(run, prefix)])
+        def fine_tune(run: Run, prefix: str, label: str) -> Callable[..., float]:
+            bar = [StepProgressBar(f"{name} · {label}")] if tcfg.enable_progress_bar else []
+            return fine_tuner(dm, tcfg, [MlflowMetricsCallback(run, prefix), *bar])
 
         # the longest cached prefix (index into keys); -1 = nothing, not even the baseline
         start, found, stale_before = -1, None, stats.stale
@@ -142,6 +144,11 @@ def run_chain(
             replay(entry, weights, module)
             module.to(device)
             stats.reused += start
+            log.info(
+                "%s: baseline%s from the cache",
+                name,
+                f" and steps 1-{start}" if start > 0 else "",
+            )
         for k, row in enumerate(entry["rows"]):
             label = "baseline" if k == 0 else f"{k}:{row['name']}"
             with tracker.run(
@@ -173,8 +180,9 @@ def run_chain(
                         load_checkpoint(spec.baseline_checkpoint, module.net)
                         train_time = 0.0
                     else:
-                        train_time = fine_tune(run, "baseline/")(module, epochs)
+                        train_time = fine_tune(run, "baseline/", "baseline")(module, epochs)
                         stats.baselines_trained += 1
+                        stats.epochs += epochs
                     row = {
                         "name": "baseline",
                         "stage": "baseline",
@@ -198,7 +206,11 @@ def run_chain(
                 ) as run:
                     ctx = StageContext(
                         dm=dm,
-                        fit=fine_tune(run, f"{stage.name}/"),
+                        fit=fine_tune(
+                            run,
+                            f"{stage.name}/",
+                            f"step {k}/{len(spec.steps)} {step.name} ({stage.name})",
+                        ),
                         records=list(records),
                         model_cfg=model_cfg,
                         seed=seed,
@@ -228,8 +240,20 @@ def run_chain(
                         "record.json",
                     )
                     stats.executed += 1
+                    stats.epochs += int(stage.settings.epochs)
                     stats.executed_keys.append(keys[k])
             row["time_s"] = time.perf_counter() - t0
+            log.info(
+                "%s: %s: val %s %.2f, %.1fx fewer BitOps, %.1f s",
+                name,
+                "baseline"
+                if k == 0
+                else f"step {k}/{len(spec.steps)} {row['name']} ({row['stage']})",
+                dm.task.metric_name,
+                row["val_metric"],
+                entry["rows"][0]["bitops"] / max(row["bitops"], 1e-12) if entry["rows"] else 1.0,
+                row["time_s"],
+            )
             entry["rows"].append(row)
             entry["keys"].append(keys[k])
             entry["trainable"] = trainable_names(module.net)

@@ -28,7 +28,14 @@ class SearchConfig:
     metric with ``bitops_budget``) | cost (fewest BitOps within ``max_metric_loss`` of the
     baseline); ``max_metric_loss`` is also a constraint of pareto when set; ``sampler``: tpe |
     nsga2 | random | grid (all orders at the chain's fixed settings); ``storage``: a journal
-    file path or a database URL; ``n_workers`` local processes."""
+    file path or a database URL; ``n_workers`` local processes.
+
+    Seeding: the first trials are the chain as configured (``seed_configured``, not with the
+    grid sampler, which runs it anyway) and the ``seed_chains`` (order strings, or mappings of
+    ``order`` and ``<stage>.<key>`` values; unset keys take the configured settings); a
+    resumed study does not queue them again. Budget: the study stops at ``n_trials``, at
+    ``timeout`` seconds per worker, or once its trials trained ``budget_epochs`` epochs (stage
+    runs taken from the prefix cache cost nothing), whichever comes first."""
 
     name: str = "chaincomp"
     stages: tuple[str, ...] = ("D", "P", "Q", "E")
@@ -48,6 +55,9 @@ class SearchConfig:
     retry_stale: bool = True
     heartbeat_interval: int = 10
     grace_period: int = 30
+    seed_configured: bool = True
+    seed_chains: tuple[Any, ...] = ()
+    budget_epochs: int | None = None
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: Any) -> ConfigError:
@@ -73,6 +83,18 @@ class SearchConfig:
             raise bad("timeout", self.timeout, "null or > 0 seconds")
         if not self.name:
             raise bad("name", self.name, "a study name")
+        if self.budget_epochs is not None and not self.budget_epochs >= 1:
+            raise bad("budget_epochs", self.budget_epochs, "null or an integer >= 1")
+        for i, entry in enumerate(self.seed_chains):
+            ok = isinstance(entry, str) or (
+                isinstance(entry, dict) and isinstance(entry.get("order"), str)
+            )
+            if not ok:
+                raise bad(
+                    f"seed_chains[{i}]",
+                    entry,
+                    "an order string (DPQE) or {order: DPQE, <stage>.<key>: value, ...}",
+                )
 
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> SearchConfig:
@@ -81,6 +103,8 @@ class SearchConfig:
         for key in ("stages", "orders"):
             if isinstance(values.get(key), list):
                 values[key] = tuple(str(v) for v in values[key])
+        if isinstance(values.get("seed_chains"), list):
+            values["seed_chains"] = tuple(values["seed_chains"])
         return cls(**values)
 
     @property

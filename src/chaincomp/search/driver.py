@@ -16,6 +16,7 @@ grandchild per step; trial number and run id are cross-referenced (trial user at
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import time
@@ -35,10 +36,19 @@ from chaincomp.search.front import front_rows, write_front
 from chaincomp.search.objective import Objective
 from chaincomp.search.samplers import make_sampler
 from chaincomp.search.space import SearchSpace, build_space
-from chaincomp.search.storage import StaleHandler, counted, make_storage, reap_stale
+from chaincomp.search.storage import (
+    StaleHandler,
+    counted,
+    epochs_trained,
+    make_storage,
+    reap_stale,
+    waiting,
+)
 from chaincomp.tasks import TASKS
 from chaincomp.tracking import NullTracker, Run, Tracker, make_tracker
 from chaincomp.utils import write_json
+
+log = logging.getLogger("chaincomp.search")
 
 
 def _progress(
@@ -59,8 +69,15 @@ def _progress(
     best = ", ".join(
         f"{r['order']} {r['val_metric']:.2f}@{r['val_bitops_ratio']:.0f}x" for r in rows[:6]
     )
+    trials = study.get_trials(deepcopy=False)
+    runs = sum(int(t.user_attrs.get("stage_runs", 0)) for t in trials)
+    hits = sum(int(t.user_attrs.get("cached_steps", 0)) for t in trials)
+    spent = f"{epochs_trained(study)}" + (f"/{scfg.budget_epochs}" if scfg.budget_epochs else "")
+    seed = f" (seed: {a['seed']})" if "seed" in a else ""
     console().print(
-        f"[{counted(study)}/{scfg.n_trials}] trial {trial.number} {what} | front ({len(rows)}): {best}"
+        f"[{counted(study)}/{scfg.n_trials}] trial {trial.number}{seed} {what} | stage runs "
+        f"{runs}, cache hits {100 * hits / max(runs + hits, 1):.0f}%, epochs {spent} | "
+        f"front ({len(rows)}): {best}"
     )
 
 
@@ -88,7 +105,9 @@ def work(
 
     while True:
         reap_stale(study, storage, handler)
-        if counted(study) >= limit or (deadline and time.time() > deadline):
+        done = counted(study) >= limit and not waiting(study)
+        spent = scfg.budget_epochs is not None and epochs_trained(study) >= scfg.budget_epochs
+        if done or spent or (deadline and time.time() > deadline):
             break
         study.optimize(
             objective, n_trials=1, catch=(Exception,), callbacks=[after], gc_after_trial=True
@@ -113,7 +132,39 @@ def _worker_entry(
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(cfg_yaml)
     assert isinstance(cfg, DictConfig)
+    from chaincomp.console import quiet
+
+    quiet(bool(cfg.get("verbose", False)))  # a spawned worker starts with the defaults
     work(cfg, scfg, Path(out), parent_run_id, worker)
+
+
+def seed_trials(
+    study: optuna.Study, scfg: SearchConfig, space: SearchSpace, cfg: DictConfig
+) -> int:
+    """Queue the seed chains as the study's first trials, once per study (a resumed study,
+    or a second machine joining it, queues nothing); returns how many were queued."""
+    if scfg.sampler == "grid" or study.user_attrs.get("seeded"):
+        return 0
+    chain = config_section(cfg, "chain")
+    settings = {name: (entry or {}).get("settings") or {} for name, entry in chain["steps"].items()}
+    entries: list[tuple[str, Any]] = []
+    configured = "".join(str(s) for s in chain.get("order") or [])
+    if scfg.seed_configured:
+        if configured in space.orders:
+            entries.append(("configured", configured))
+        else:
+            log.warning(
+                "the configured chain %s is not among the study's orders: not seeded", configured
+            )
+    entries += [(f"seed_chains[{i}]", e) for i, e in enumerate(scfg.seed_chains)]
+    for label, entry in entries:
+        order, values = (entry, {}) if isinstance(entry, str) else (entry["order"], dict(entry))
+        values.pop("order", None)
+        key = "search.seed_chains" if label != "configured" else "chain.order"
+        params = space.seed_params(order, settings, values, key)
+        study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
+    study.set_user_attr("seeded", True)
+    return len(entries)
 
 
 def preflight_sweep(cfg: DictConfig, scfg: SearchConfig) -> None:
@@ -174,6 +225,7 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 "the study's own settings, or a new search.name",
             )
         study.set_user_attr(key, value)
+    seed_trials(study, scfg, space, cfg)
     parent_id = _parent_run(tracker, study, scfg, cfg)
     parent = Run(getattr(tracker, "client", None), parent_id) if parent_id else None
     status = "FINISHED"
@@ -255,6 +307,8 @@ def summarize(
     for t in trials:
         states[t.state.name] = states.get(t.state.name, 0) + 1
     rows = front_rows(study, scfg)
+    runs = sum(int(t.user_attrs.get("stage_runs", 0)) for t in trials)
+    hits = sum(int(t.user_attrs.get("cached_steps", 0)) for t in trials)
     summary = {
         "study": scfg.name,
         "storage": scfg.storage if not scfg.is_database else scfg.storage.split("@")[-1],
@@ -264,6 +318,12 @@ def summarize(
         "trials": len(trials),
         "states": states,
         "front": rows,
+        "stage_runs": runs,
+        "cached_steps": hits,
+        "cache_hit_rate": hits / (runs + hits) if runs + hits else None,
+        "epochs_trained": epochs_trained(study),
+        "budget_epochs": scfg.budget_epochs,
+        "seeds": {str(t.user_attrs["seed"]): t.number for t in trials if "seed" in t.user_attrs},
         "mlflow_run_id": parent_id,
         "failed": [
             {"trial": t.number, "reason": t.user_attrs.get("fail_reason")}

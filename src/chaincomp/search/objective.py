@@ -8,7 +8,8 @@ Contract: the trial's chain is an MLflow child run of the sweep's parent run, cr
 (trial user attr ``mlflow_run_id``; run tags ``optuna.trial`` / ``optuna.study``); a finished
 trial carries its results as user attrs (``letters``, ``val_metric``, ``val_bitops``,
 ``constraints``, ...) that the front and the samplers read; a failed one carries
-``fail_reason``, and a non-finite result fails it with :class:`TrialDiverged`.
+``fail_reason``, and a non-finite result fails it with :class:`TrialDiverged`. Every trial
+records what it cost (``stage_runs``, ``cached_steps``, ``epochs_trained``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any
 import optuna
 from omegaconf import DictConfig, OmegaConf
 
-from chaincomp.chain import run_chain
+from chaincomp.chain import CacheStats, run_chain
 from chaincomp.errors import ChaincompError
 from chaincomp.search.config import SearchConfig
 from chaincomp.search.space import SearchSpace
@@ -71,12 +72,14 @@ class Objective:
             run_ids.append(run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
 
+        stats = CacheStats()
         try:
             result = run_chain(
                 cfg,
                 self.out / "trials" / f"{trial.number:04d}",
                 self.tracker,
                 parent=self.parent,
+                stats=stats,
                 run_name=f"trial {trial.number} {order}",
                 tags={"optuna.study": self.scfg.name, "optuna.trial": trial.number},
                 on_start=started,
@@ -87,6 +90,7 @@ class Objective:
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"[:500]
             trial.set_user_attr("fail_reason", reason)
+            _record_cost(trial, stats)
             if (
                 isinstance(exc, TrialDiverged)
                 and run_ids
@@ -120,9 +124,18 @@ class Objective:
             "run_dir": str(self.out / "trials" / f"{trial.number:04d}"),
         }.items():
             trial.set_user_attr(key, value)
+        _record_cost(trial, stats)
         if self.scfg.objective == "pareto":
             return val, bitops
         return val if self.scfg.objective == "metric" else bitops
+
+
+def _record_cost(trial: optuna.Trial, stats: CacheStats) -> None:
+    """What the trial spent: ``stage_runs`` executed (the baseline not counted),
+    ``cached_steps`` taken from the prefix cache, ``epochs_trained`` (the sweep's budget)."""
+    trial.set_user_attr("stage_runs", stats.executed)
+    trial.set_user_attr("cached_steps", stats.reused)
+    trial.set_user_attr("epochs_trained", stats.epochs)
 
 
 def _free_accelerator_memory() -> None:

@@ -141,6 +141,38 @@ class SearchSpace:
                 overrides[step] = {p.key: p.suggest(trial) for p in self.params.get(step, ())}
         return str(order), overrides
 
+    def seed_params(
+        self,
+        order: str,
+        settings: Mapping[str, Mapping[str, Any]],
+        values: Mapping[str, Any] | None = None,
+        key: str = "search.seed_chains",
+    ) -> dict[str, Any]:
+        """The Optuna parameters of the chain ``order`` at the configured ``settings``
+        (``{step: settings}``) with ``values`` (``{<stage>.<key>: value}``) on top: what
+        :meth:`suggest` would have to return for that chain (``enqueue_trial``)."""
+        if order not in self.orders:
+            raise ConfigError(key, f"order {order!r} is not one of the study's orders", self.orders)
+        values = dict(values or {})
+        params: dict[str, Any] = {"order": order}
+        for step in order:
+            for p in self.params.get(step, ()):
+                if p.name in values:
+                    params[p.name] = values.pop(p.name)
+                    continue
+                cls = stage_class(p.stage).Settings
+                configured = cls.from_dict(
+                    settings.get(step) or {}, f"chain.steps.{step}.settings"
+                ).as_dict()
+                params[p.name] = configured[p.key]
+        if values:
+            raise ConfigError(
+                f"{key}.{sorted(values)[0]}",
+                f"not a searched parameter of order {order!r}",
+                [n for n in self.param_names() if n != "order"],
+            )
+        return params
+
     def param_names(self) -> list[str]:
         return ["order", *(p.name for ps in self.params.values() for p in ps)]
 

@@ -147,10 +147,26 @@ def reap_stale(
 
 
 def counted(study: optuna.Study) -> int:
-    """Trials that count towards ``n_trials``: all but failed trials that were re-queued."""
+    """Trials that count towards ``n_trials``: all but failed trials that were re-queued, and
+    but trials still queued (WAITING: a seed or a re-queued trial, which run anyway)."""
     trials = study.get_trials(deepcopy=False)
     retried = {t.user_attrs.get("retry_of") for t in trials}
-    return sum(1 for t in trials if not (t.state == TrialState.FAIL and t.number in retried))
+    return sum(
+        1
+        for t in trials
+        if t.state != TrialState.WAITING
+        and not (t.state == TrialState.FAIL and t.number in retried)
+    )
+
+
+def waiting(study: optuna.Study) -> int:
+    """Trials queued and not yet started (seeds, re-queued trials of dead workers)."""
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+def epochs_trained(study: optuna.Study) -> int:
+    """Training epochs the study's trials spent (the ``budget_epochs`` budget)."""
+    return sum(int(t.user_attrs.get("epochs_trained", 0)) for t in study.get_trials(deepcopy=False))
 
 
 __all__ = [
@@ -159,6 +175,8 @@ __all__ = [
     "break_dangling_lock",
     "close_runs",
     "counted",
+    "epochs_trained",
     "make_storage",
     "reap_stale",
+    "waiting",
 ]
