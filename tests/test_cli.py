@@ -132,3 +132,19 @@ def test_failed_run_is_marked_failed_in_mlflow(tmp_path: Path) -> None:
     runs = client.search_runs([exp.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "no imagefolder dataset there" in runs[0].data.tags["error"]
+
+
+@pytest.mark.parametrize("command", ["train", "cost", "run", "sweep", "report", "ui"])
+def test_command_help_describes_it_before_any_config(command: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "chaincomp.cli", command, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == f"usage: chaincomp {command} [key=value ...]"
+    assert "common overrides:" in lines and len(lines) < 40  # no config dump
+    overrides = lines[lines.index("common overrides:") + 1 :]
+    assert sum(1 for line in overrides if line.startswith("  ") and "=" in line) == 5

@@ -186,6 +186,28 @@ def test_sweep_on_digits_gives_a_front_and_lineage(tmp_path: Path) -> None:
         assert int(child.data.tags["optuna.trial"]) == by_run[child.info.run_id]
         steps = client.search_runs([exp], f"tags.mlflow.parentRunId = '{child.info.run_id}'")
         assert len(steps) == 1 + len(child.data.tags["chaincomp.order"])  # baseline + steps
+        trial = study.trials[by_run[child.info.run_id]]
+        # the trial's Optuna choices under their own names, its order as one string
+        assert child.data.params["optuna.order"] == trial.params["order"]
+        assert child.data.tags["optuna.order"] == trial.params["order"]
+        assert {k for k in child.data.params if k.startswith("optuna.")} == {
+            f"optuna.{k}" for k in trial.params
+        }
+    # the front, marked in the runs table and logged on the sweep run
+    tagged = {c.info.run_id for c in children if c.data.tags["chaincomp.pareto"] == "true"}
+    assert tagged == {r["mlflow_run_id"] for r in front}
+    assert parent.data.metrics["front_size"] == len(front)
+    assert study.metric_names == ["val_accuracy", "val_bitops"]
+    # the compressed network of a front trial, downloaded from MLflow, reloads and re-measures
+    # to the test metric its chain recorded
+    from chaincomp.chain import load_chain
+    from chaincomp.pipeline import build_data, build_module
+
+    best = front[-1]
+    local = client.download_artifacts(best["mlflow_run_id"], "chain", str(tmp_path / "dl"))
+    dm = build_data(cfg)
+    module = load_chain(local, build_module(cfg, dm))
+    assert module.evaluate(dm.loader("test", "cpu")) == pytest.approx(best["test_metric"], abs=1e-9)
 
     # the same command again: nothing new, nothing repeated; different orders are refused
     again = sweep(cfg, tmp_path / "out2")

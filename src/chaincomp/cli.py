@@ -289,6 +289,93 @@ hydra.run.dir=... chooses the run directory; --cfg job prints the composed confi
 """
 
 
+HELP: dict[str, str] = {
+    "train": """usage: chaincomp train [key=value ...]
+
+Train the baseline of data x model, measure it (validation and test metric, MACs, BitOps,
+parameters, size) and save it.
+
+writes: runs/train/<time>-<pid>/{summary.json, baseline.pt}; an MLflow run with the metrics.
+
+common overrides:
+  data=fashion_mnist                 the dataset (digits, mnist, fashion_mnist, cifar10, imagefolder)
+  model=resnet10                     the network (conf/model/*.yaml, or model=custom model._target_=pkg.Net)
+  trainer.max_epochs=5               training length
+  optim.lr=0.05                      peak learning rate
+  tracking=none                      no MLflow""",
+    "cost": """usage: chaincomp cost [key=value ...]
+
+Print the per-layer MACs / parameters / bits / BitOps table of the configured model at the
+data's input size (nothing is trained).
+
+writes: runs/cost/<time>-<pid>/summary.json (the layers); an MLflow run.
+
+common overrides:
+  model=resnet18                     the network
+  data=cifar10                       the input size and classes
+  model.width_mult=0.5               a thinner network
+  model=resnet10 model.blocks=[2,2,2,2]   a model argument
+  tracking=none                      no MLflow""",
+    "run": """usage: chaincomp run [key=value ...]
+
+Run a compression chain: train (or load, or take from the cache) the baseline, then apply the
+steps of chain.order (D distill, P prune, Q quantize, E early exit, L low-rank) one after the
+other, each measured on validation and test; print the per-step table.
+
+writes: runs/run/<time>-<pid>/{summary.json, chain/} (chain/ reloads with chaincomp.chain.load_chain);
+        one MLflow run for the chain, a child run per step; prefix states in chain.cache_dir.
+
+common overrides:
+  chain.order=[P,Q]                  which steps, in which order
+  chain.steps.P.settings.ratio=0.5   a step's setting (conf/stage/<stage>.yaml lists them)
+  chain.steps.Q.settings.w_bits=2    bit widths
+  +model@chain.steps.D.settings.student=resnet18   the D student
+  chain.baseline.checkpoint=runs/train/.../baseline.pt   start from a trained baseline""",
+    "sweep": """usage: chaincomp sweep [key=value ...]
+
+Create or resume the Optuna study search.name over chain orders and stage settings: the
+configured chain is trial 0, every trial is a chain (sharing the prefix cache), scored on
+validation; print the Pareto front (metric vs BitOps).
+
+writes: runs/sweep/<time>-<pid>/{summary.json, front.csv, front.md, front.png, trials/};
+        the study in search.storage; MLflow: sweep -> trial -> step runs.
+
+common overrides:
+  search.n_trials=30                 trials the study aims at (a resumed study counts old ones)
+  search=orders                      every order of D, P, Q, E at the configured settings (grid)
+  search.n_workers=2                 local worker processes
+  search.objective=cost search.max_metric_loss=1.0   fewest BitOps within 1 point
+  search.budget_epochs=200           stop once the trials trained 200 epochs""",
+    "report": """usage: chaincomp report [key=value ...]
+
+Read the chains of a study back from MLflow (tracking.uri) and write its tables and figures
+(pairwise, precedence, insertion, all orders), every choice made on validation.
+
+writes: <report.out_dir>/<study>/results/<report.label>/{*.md, *.csv, *.png}
+
+common overrides:
+  experiment=orders_fashion          the study's experiment config (its source and label)
+  tracking.uri=sqlite:///path.db     the store to read
+  report.studies=[all_orders]        which tables
+  report.label=mine                  the results folder name
+  report.out_dir=experiments         where the results go""",
+    "ui": """usage: chaincomp ui [key=value ...]
+
+Serve the MLflow UI for tracking.uri on 127.0.0.1 and print the link to the runs table.
+
+common overrides:
+  +port=5001                         another port
+  tracking.uri=sqlite:///path.db     another store
+  tracking.experiment=chaincomp      the experiment the link opens
+  experiment=orders_fashion          a study's store
+  tracking=mlflow                    the default store (sqlite:///mlflow.db)""",
+}
+
+HELP_TAIL = """
+every key of conf/ can be overridden (chaincomp {cmd} --cfg job prints the composed config;
+--hydra-help shows Hydra's options); -v / verbose=true keeps the libraries' messages."""
+
+
 def _drop_if_empty(out: Path) -> None:
     """Remove a run directory that holds nothing but Hydra's own files (a command that failed
     before writing anything), so failures leave no empty ``runs/<cmd>/<time>/``."""
@@ -358,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, overrides = args[0], args[1:]
+    if command in HELP and ("--help" in overrides or "-h" in overrides):
+        print(HELP[command] + HELP_TAIL.format(cmd=command))
+        return 0
     if "-v" in overrides or "--verbose" in overrides:
         overrides = [a for a in overrides if a not in ("-v", "--verbose")] + ["verbose=true"]
     if command not in COMMANDS:

@@ -58,7 +58,8 @@ def run_chain(
 ) -> ChainResult:
     """Run ``cfg.chain`` on ``cfg.data`` x ``cfg.model``; returns its :class:`ChainResult`
     (with the final ``module``), also written as ``summary.json``, and the replayable chain
-    ``chain/`` (entry.json + weights.pt) into ``output_dir``.
+    ``chain/`` (entry.json + weights.pt) into ``output_dir``; ``chain/`` is also the chain run's
+    artifact of that name (the compressed network, for :func:`~chaincomp.chain.load_chain`).
 
     MLflow: one run for the chain (child of ``parent`` when given), one child per step (the
     baseline included; a step taken from the cache is tagged ``chaincomp.cached=true``).
@@ -287,6 +288,9 @@ def run_chain(
         )
         chain_run.log_artifact(out / "summary.json")
         chain_run.log_artifact(out / "chain" / "entry.json")
+        # the compressed network: download chain/ and chaincomp.chain.load_chain reads it
+        chain_run.log_artifact(out / "chain" / "entry.json", "chain")
+        chain_run.log_artifact(out / "chain" / "weights.pt", "chain")
     return result
 
 

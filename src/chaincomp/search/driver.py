@@ -20,6 +20,7 @@ import logging
 import multiprocessing as mp
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -204,7 +205,8 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     storage = make_storage(scfg, tracker)
     preflight_sweep(cfg, scfg)
     # the task's direction from its class: no data is loaded to learn it
-    higher = TASKS[DataConfig.from_dict(config_section(cfg, "data")).task].higher_is_better
+    task = TASKS[DataConfig.from_dict(config_section(cfg, "data")).task]
+    higher = task.higher_is_better
     study = optuna.create_study(
         study_name=scfg.name,
         storage=storage,
@@ -225,6 +227,15 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                 "the study's own settings, or a new search.name",
             )
         study.set_user_attr(key, value)
+    if study.metric_names is None:  # named objectives (optuna-dashboard, trials_dataframe)
+        names = {
+            "pareto": [f"val_{task.metric_name}", "val_bitops"],
+            "metric": [f"val_{task.metric_name}"],
+            "cost": ["val_bitops"],
+        }[scfg.objective]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names(names)
     seed_trials(study, scfg, space, cfg)
     parent_id = _parent_run(tracker, study, scfg, cfg)
     parent = Run(getattr(tracker, "client", None), parent_id) if parent_id else None

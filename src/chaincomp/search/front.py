@@ -94,7 +94,29 @@ def write_front(
     if parent is not None and parent.run_id:
         for name in ("front.csv", "front.md", "front.png"):
             parent.log_artifact(out / name)
+        _tag_front(study, rows, parent)
     return rows
+
+
+def _tag_front(study: optuna.Study, rows: list[dict[str, Any]], parent: Run) -> None:
+    """Tag every finished trial's chain run ``chaincomp.pareto`` true/false (filter the runs
+    table with ``tags.chaincomp.pareto = 'true'``) and log the front on the sweep run:
+    ``front_size`` and, for each front point in order of BitOps, ``front_val_metric`` at step =
+    its validation BitOps reduction (the best metric at each cost budget)."""
+    client = parent.client
+    if client is None:
+        return
+    on_front = {r.get("mlflow_run_id") for r in rows}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        run_id = t.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        client.set_tag(run_id, "chaincomp.pareto", "true" if run_id in on_front else "false")
+    parent.log_metrics({"front_size": len(rows)})
+    for r in rows:
+        ratio = r.get("val_bitops_ratio")
+        if isinstance(ratio, (int, float)) and isinstance(r.get("val_metric"), (int, float)):
+            parent.log_metrics({"front_val_metric": r["val_metric"]}, step=round(ratio))
 
 
 def _cell(v: Any) -> str:

@@ -71,6 +71,9 @@ class Objective:
         def started(run_id: str | None) -> None:
             run_ids.append(run_id)
             trial.set_user_attr("mlflow_run_id", run_id)
+            if run_id and isinstance(self.tracker, Tracker):  # the trial's own choices, by name
+                run = Run(self.tracker.client, run_id)
+                run.log_params({f"optuna.{k}": v for k, v in trial.params.items()})
 
         stats = CacheStats()
         try:
@@ -81,7 +84,11 @@ class Objective:
                 parent=self.parent,
                 stats=stats,
                 run_name=f"trial {trial.number} {order}",
-                tags={"optuna.study": self.scfg.name, "optuna.trial": trial.number},
+                tags={
+                    "optuna.study": self.scfg.name,
+                    "optuna.trial": trial.number,
+                    "optuna.order": order,
+                },
                 on_start=started,
             )
             val, bitops = result.last.val_metric, result.last.val_bitops
