@@ -441,6 +441,12 @@ def test_sigkill_battery_nothing_hangs_nothing_stays_running_every_entry_loads(
     entries = [p.name for p in cache.iterdir() if not p.name.startswith(".")]
     assert entries and all(PrefixCache(cache).load(k) is not None for k in entries)
     assert len(landed) >= 3, f"kills landed at {landed}"
+    lost = states.count("FAIL")  # killed mid-trial, re-queued and run again
+    print(
+        f"SIGKILL battery: {len(landed)} kills ({', '.join(landed)}); {lost} trial(s) failed and "
+        f"re-run; {n_trials} trials complete; 0 runs RUNNING; {len(entries)} cache entries load; "
+        f"final rerun {time.time() - t0:.0f} s"
+    )
 
 
 @pytest.mark.parametrize("size", [0, -3, 2.5, "big", True])

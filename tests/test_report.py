@@ -594,6 +594,17 @@ def test_notebook_is_stripped_and_runs_on_the_study(tiny_study: tuple[Path, str]
                 os.environ[k] = v
     outputs = json.dumps([c.outputs for c in nb.cells if c.cell_type == "code"])
     assert "6 chains" in outputs and "derived order" in outputs
+    # three figures drawn inline (the front, the order effect, the stage positions), labelled
+    figures = [
+        o
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.outputs
+        if "image/png" in o.get("data", {})
+    ]
+    assert len(figures) == 3
+    source = "\n".join(c.source for c in nb.cells)
+    assert source.count("set_xlabel") == 3 and source.count("set_title") == 3
 
 
 @pytest.mark.parametrize(

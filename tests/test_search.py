@@ -499,19 +499,27 @@ def test_chaincomp_ui_serves_the_store(tmp_path: Path) -> None:
         "chaincomp.cli",
         "ui",
         f"tracking.uri={uri}",
+        "tracking.experiment=served-store",
         f"+port={port}",
         f"hydra.run.dir={tmp_path / 'out'}",
     ]
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        stdout=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # the link to the experiment's runs table
+        link = f"{base}/#/experiments/{exp_id}/runs"
+        assert line.startswith(f"MLflow UI for {uri}: {link}"), line
         _wait_http(base + "/", 120)
+        with urllib.request.urlopen(link, timeout=10) as r:
+            assert r.status == 200
         with urllib.request.urlopen(base + "/", timeout=10) as r:
             assert "mlflow" in r.read().decode("utf-8", "replace").lower()
         api = f"{base}/api/2.0/mlflow"
@@ -795,3 +803,36 @@ def test_a_budget_in_epochs_stops_the_sweep(tmp_path: Path) -> None:
     # trial 0 (PQ): the baseline's 2 epochs + 1 + 1; the sweep stops once 5 are spent
     assert spent[0] == 4 and sum(spent[:-1]) < 5 <= sum(spent)
     assert summary["epochs_trained"] == sum(spent) and summary["trials"] == len(spent) < 10
+
+
+def test_a_hopeless_trial_is_pruned_after_its_first_step(tmp_path: Path) -> None:
+    # trial 0 is the hand-set chain PQ; trial 1 distills into a student twice as wide and
+    # barely trained: after its first step it costs more than PQ and is far less accurate
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "chain.order=[P,Q]",
+            "search.orders=[PQ,DP]",
+            "search.sampler=random",
+            "search.name=pruned",
+            "search.n_trials=2",
+            "search.prune_margin=5.0",
+            "+search.seed_chains=[{order: DP, distill.width_mult: 2.0}]",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    study = _journal_study(tmp_path / "study.journal", "pruned")
+    done, pruned = study.trials
+    assert done.state.name == "COMPLETE" and pruned.state.name == "PRUNED"
+    reason = pruned.user_attrs["pruned_reason"]
+    assert reason.startswith("after step 1 (D of DP)") and "dominated by trial 0 (PQ" in reason
+    assert pruned.user_attrs["stage_runs"] == 1  # P never ran
+    assert summary["states"] == {"COMPLETE": 1, "PRUNED": 1}
+    assert summary["pruned"] == [{"trial": 1, "reason": reason}]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(pruned.user_attrs["mlflow_run_id"])
+    assert run.info.status == "KILLED" and "ChainPruned: after step 1" in run.data.tags["error"]
+    steps = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
+    )
+    assert sorted(r.info.run_name for r in steps) == ["1:D", "baseline"]

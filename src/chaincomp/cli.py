@@ -226,14 +226,26 @@ def cmd_sweep(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+def ui_link(base: str, experiment_id: str | None) -> str:
+    """The MLflow UI page of the experiment's runs (or the UI's start page)."""
+    base = base.rstrip("/")
+    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
+
+
 def cmd_ui(cfg: DictConfig) -> int:
-    """Serve the MLflow UI for ``tracking.uri`` on 127.0.0.1 (``+port=5000``)."""
+    """Serve the MLflow UI for ``tracking.uri`` on 127.0.0.1 (``+port=5000``) with one web
+    worker and no background job workers, and print the link to the experiment's runs."""
     import subprocess
+
+    from chaincomp.pipeline import tracking_config
+    from chaincomp.tracking import Tracker
 
     uri = str(cfg.tracking.uri)
     port = int(cfg.get("port", 5000))
+    tracker = Tracker(tracking_config(cfg))  # opens (or creates) the store: one-line errors
+    exp = str(tracker.experiment_id)
     if uri.startswith(("http://", "https://")):
-        print(f"tracking.uri is a server already: open {uri}")
+        print(f"tracking.uri is a server already: open {ui_link(uri, exp)}")
         return 0
     cmd = [
         sys.executable,
@@ -246,10 +258,14 @@ def cmd_ui(cfg: DictConfig) -> int:
         "127.0.0.1",
         "--port",
         str(port),
+        "--workers",
+        "1",
     ]
-    print(f"MLflow UI for {uri} on http://127.0.0.1:{port} (Ctrl-C stops it)", flush=True)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    link = ui_link(f"http://127.0.0.1:{port}", exp)
+    print(f"MLflow UI for {uri}: {link}  (Ctrl-C stops it)", flush=True)
     try:
-        return subprocess.call(cmd)
+        return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 0
 

@@ -17,6 +17,7 @@ from chaincomp.errors import ConfigError, check_keys
 from chaincomp.pipeline import config_section
 
 OBJECTIVES = ("pareto", "metric", "cost")
+PRUNERS = ("none", "median", "percentile")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
 
 
@@ -35,7 +36,14 @@ class SearchConfig:
     ``order`` and ``<stage>.<key>`` values; unset keys take the configured settings); a
     resumed study does not queue them again. Budget: the study stops at ``n_trials``, at
     ``timeout`` seconds per worker, or once its trials trained ``budget_epochs`` epochs (stage
-    runs taken from the prefix cache cost nothing), whichever comes first."""
+    runs taken from the prefix cache cost nothing), whichever comes first.
+
+    Multi-fidelity: a trial reports after every step; from step ``prune_after`` on (never at
+    its last step) a hopeless trial stops and is recorded as PRUNED with its reason. For the
+    ``metric`` / ``cost`` objectives the Optuna ``pruner`` (median | percentile: the 25 % best
+    go on) judges the step's validation metric / BitOps; for ``pareto``, a prefix is hopeless
+    when a finished trial on the front is at least ``prune_margin`` better on validation and
+    no more expensive in BitOps already (later steps can still cut BitOps, rarely add metric)."""
 
     name: str = "chaincomp"
     stages: tuple[str, ...] = ("D", "P", "Q", "E")
@@ -58,6 +66,9 @@ class SearchConfig:
     seed_configured: bool = True
     seed_chains: tuple[Any, ...] = ()
     budget_epochs: int | None = None
+    pruner: str = "none"
+    prune_margin: float | None = None
+    prune_after: int = 1
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: Any) -> ConfigError:
@@ -83,6 +94,20 @@ class SearchConfig:
             raise bad("timeout", self.timeout, "null or > 0 seconds")
         if not self.name:
             raise bad("name", self.name, "a study name")
+        if self.pruner not in PRUNERS:
+            raise bad("pruner", self.pruner, PRUNERS)
+        if self.pruner != "none" and self.objective == "pareto":
+            raise ConfigError(
+                "search.pruner",
+                "Optuna's pruners judge one objective, not a Pareto front",
+                "none with objective=pareto (use search.prune_margin), or objective=metric|cost",
+            )
+        if self.prune_margin is not None and (
+            self.objective != "pareto" or not self.prune_margin >= 0
+        ):
+            raise bad("prune_margin", self.prune_margin, "null, or >= 0 with objective=pareto")
+        if self.prune_after < 1:
+            raise bad("prune_after", self.prune_after, "an integer >= 1 (steps)")
         if self.budget_epochs is not None and not self.budget_epochs >= 1:
             raise bad("budget_epochs", self.budget_epochs, "null or an integer >= 1")
         for i, entry in enumerate(self.seed_chains):
@@ -117,4 +142,4 @@ def directions(task_higher_is_better: bool, objective: str) -> list[Any]:
     return {"pareto": [metric, "minimize"], "metric": [metric], "cost": ["minimize"]}[objective]
 
 
-__all__ = ["OBJECTIVES", "SAMPLERS", "SearchConfig", "directions"]
+__all__ = ["OBJECTIVES", "PRUNERS", "SAMPLERS", "SearchConfig", "directions"]

@@ -35,7 +35,7 @@ from chaincomp.pipeline import config_section, tracking_config
 from chaincomp.search.config import SearchConfig, directions
 from chaincomp.search.front import front_rows, write_front
 from chaincomp.search.objective import Objective
-from chaincomp.search.samplers import make_sampler
+from chaincomp.search.samplers import make_pruner, make_sampler
 from chaincomp.search.space import SearchSpace, build_space
 from chaincomp.search.storage import (
     StaleHandler,
@@ -65,6 +65,8 @@ def _progress(
         what = (
             f"{a['letters']}: val {a['val_metric']:.2f}, {a['val_bitops_ratio']:.1f}x fewer BitOps"
         )
+    elif trial.state == TrialState.PRUNED:
+        what = f"PRUNED {a.get('letters', '')} {a.get('pruned_reason', '')}"
     else:
         what = f"{trial.state.name}: {a.get('fail_reason', '')}"
     best = ", ".join(
@@ -94,7 +96,10 @@ def work(
     probe = optuna.load_study(study_name=scfg.name, storage=storage)
     seed = scfg.seed + 7919 * worker + 104729 * len(probe.trials)
     study = optuna.load_study(
-        study_name=scfg.name, storage=storage, sampler=make_sampler(scfg, space, seed)
+        study_name=scfg.name,
+        storage=storage,
+        sampler=make_sampler(scfg, space, seed),
+        pruner=make_pruner(scfg),
     )
     objective = Objective(cfg, scfg, space, out, tracker, parent)
     limit = min(scfg.n_trials, len(space.orders)) if scfg.sampler == "grid" else scfg.n_trials
@@ -340,6 +345,11 @@ def summarize(
             {"trial": t.number, "reason": t.user_attrs.get("fail_reason")}
             for t in trials
             if t.state == TrialState.FAIL
+        ],
+        "pruned": [
+            {"trial": t.number, "reason": t.user_attrs.get("pruned_reason")}
+            for t in trials
+            if t.state == TrialState.PRUNED
         ],
     }
     write_json(out / "summary.json", summary)

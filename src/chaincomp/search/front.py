@@ -64,7 +64,8 @@ def front_rows(study: optuna.Study, scfg: SearchConfig) -> list[dict[str, Any]]:
                 **{k: v for k, v in t.params.items() if k != "order"},
             }
         )
-    rows.sort(key=lambda r: r["val_bitops"])
+    if scfg.objective == "pareto":  # along the front; one objective keeps best first
+        rows.sort(key=lambda r: r["val_bitops"])
     return rows
 
 

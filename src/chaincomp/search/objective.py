@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from chaincomp.chain import CacheStats, run_chain
 from chaincomp.errors import ChaincompError
 from chaincomp.search.config import SearchConfig
+from chaincomp.search.front import front_rows
 from chaincomp.search.space import SearchSpace
 from chaincomp.search.storage import HOST
 from chaincomp.tracking import NullTracker, Run, Tracker
@@ -34,6 +35,13 @@ from chaincomp.tracking import NullTracker, Run, Tracker
 
 class TrialDiverged(ChaincompError):
     """The chain finished with a non-finite metric or cost."""
+
+
+class ChainPruned(optuna.TrialPruned):
+    """A trial stopped after a step because its prefix is hopeless (the reason is the message);
+    its MLflow chain run closes as KILLED with the reason as its ``error`` tag."""
+
+    mlflow_status = "KILLED"
 
 
 class Objective:
@@ -61,6 +69,13 @@ class Objective:
                 cfg.chain.steps[step].settings[key] = value
         return cfg
 
+    def hopeless(
+        self, trial: optuna.Trial, order: str, rows: list[dict[str, Any]], k: int
+    ) -> str | None:
+        """Why the trial should stop after step ``k`` (``rows``: baseline and steps so far),
+        or None (see :class:`~chaincomp.search.config.SearchConfig`, multi-fidelity)."""
+        return _hopeless(self, trial, order, rows, k)
+
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
@@ -76,6 +91,16 @@ class Objective:
                 run.log_params({f"optuna.{k}": v for k, v in trial.params.items()})
 
         stats = CacheStats()
+        seen: list[dict[str, Any]] = []
+
+        def stepped(row: dict[str, Any]) -> None:
+            seen.append(row)
+            k = len(seen) - 1  # 0 = the baseline
+            if self.scfg.prune_after <= k < len(order):
+                reason = self.hopeless(trial, order, seen, k)
+                if reason:
+                    raise ChainPruned(reason)
+
         try:
             result = run_chain(
                 cfg,
@@ -90,10 +115,16 @@ class Objective:
                     "optuna.order": order,
                 },
                 on_start=started,
+                on_step=stepped,
             )
             val, bitops = result.last.val_metric, result.last.val_bitops
             if not (math.isfinite(val) and math.isfinite(bitops)):
                 raise TrialDiverged(f"non-finite result: val_metric={val}, val_bitops={bitops}")
+        except optuna.TrialPruned as exc:
+            trial.set_user_attr("letters", order)
+            trial.set_user_attr("pruned_reason", str(exc)[:500])
+            _record_cost(trial, stats)
+            raise
         except BaseException as exc:
             reason = f"{type(exc).__name__}: {exc}"[:500]
             trial.set_user_attr("fail_reason", reason)
@@ -137,6 +168,41 @@ class Objective:
         return val if self.scfg.objective == "metric" else bitops
 
 
+def _hopeless(
+    objective: Objective,
+    trial: optuna.Trial,
+    order: str,
+    rows: list[dict[str, Any]],
+    k: int,
+) -> str | None:
+    scfg = objective.scfg
+    row, base = rows[k], rows[0]
+    prefix = f"after step {k} ({order[:k]} of {order})"
+    ratio = base["val_bitops"] / max(row["val_bitops"], 1e-12)
+    if scfg.objective == "pareto":
+        if scfg.prune_margin is None:
+            return None
+        higher = trial.study.directions[0] == optuna.study.StudyDirection.MAXIMIZE
+        sign = 1.0 if higher else -1.0
+        for r in front_rows(trial.study, scfg):
+            better = sign * (r["val_metric"] - row["val_metric"])
+            if better >= scfg.prune_margin and r["val_bitops"] <= row["val_bitops"]:
+                return (
+                    f"{prefix}: val {row['val_metric']:.2f} at {ratio:.1f}x fewer BitOps is "
+                    f"dominated by trial {r['trial']} ({r['order']}: {r['val_metric']:.2f} at "
+                    f"{r['val_bitops_ratio']:.1f}x) by {better:.2f} >= {scfg.prune_margin}"
+                )
+        return None
+    if scfg.pruner == "none":
+        return None
+    value = row["val_metric"] if scfg.objective == "metric" else row["val_bitops"]
+    trial.report(float(value), step=k)
+    if trial.should_prune():
+        what = "val metric" if scfg.objective == "metric" else "val BitOps"
+        return f"{prefix}: {what} {value:.4g} is pruned by the {scfg.pruner} pruner"
+    return None
+
+
 def _record_cost(trial: optuna.Trial, stats: CacheStats) -> None:
     """What the trial spent: ``stage_runs`` executed (the baseline not counted),
     ``cached_steps`` taken from the prefix cache, ``epochs_trained`` (the sweep's budget)."""
@@ -155,4 +221,4 @@ def _free_accelerator_memory() -> None:
         pass
 
 
-__all__ = ["Objective", "TrialDiverged"]
+__all__ = ["ChainPruned", "Objective", "TrialDiverged"]

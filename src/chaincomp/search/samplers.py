@@ -39,4 +39,15 @@ def make_sampler(scfg: SearchConfig, space: SearchSpace, seed: int) -> optuna.sa
     )
 
 
-__all__ = ["make_sampler"]
+def make_pruner(scfg: SearchConfig) -> optuna.pruners.BasePruner:
+    """The Optuna pruner of ``search.pruner`` (steps = chain steps; ``prune_after`` warm-up)."""
+    if scfg.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=scfg.prune_after - 1)
+    if scfg.pruner == "percentile":
+        return optuna.pruners.PercentilePruner(
+            25.0, n_startup_trials=4, n_warmup_steps=scfg.prune_after - 1
+        )
+    return optuna.pruners.NopPruner()
+
+
+__all__ = ["make_pruner", "make_sampler"]

@@ -240,7 +240,8 @@ class Tracker:
             raise
         except BaseException as exc:
             self.client.set_tag(run_id, "error", f"{type(exc).__name__}: {exc}"[:MAX_PARAM_LEN])
-            self.client.set_terminated(run_id, "FAILED")
+            # an exception may name its own status (a pruned search trial: KILLED)
+            self.client.set_terminated(run_id, str(getattr(exc, "mlflow_status", "FAILED")))
             raise
         self.client.set_terminated(run_id, "FINISHED")
 
