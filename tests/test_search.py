@@ -337,7 +337,7 @@ def postgres_url() -> Iterator[str]:
     initdb, pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
     if not initdb or not pg_ctl:
         pytest.skip("PostgreSQL server binaries (apt-get install postgresql) not found")
-    pytest.importorskip("psycopg2")
+    pytest.importorskip("psycopg")  # psycopg 3: what SQLAlchemy 2.1 uses for postgresql://
     data = Path(tempfile.mkdtemp(prefix="chaincomp-pg-", dir="/tmp"))
     as_user: list[str] = []
     if os.geteuid() == 0:  # the server refuses to run as root
@@ -346,7 +346,8 @@ def postgres_url() -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "LC_ALL": "C"}
     subprocess.run(
-        [*as_user, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres"],
+        # UTF8: under LC_ALL=C initdb picks SQL_ASCII, whose strings psycopg 3 returns as bytes
+        [*as_user, initdb, "-D", str(data / "db"), "-A", "trust", "-U", "postgres", "-E", "UTF8"],
         check=True,
         capture_output=True,
         env=env,
@@ -817,6 +818,8 @@ def test_a_hopeless_trial_is_pruned_after_its_first_step(tmp_path: Path) -> None
             "search.name=pruned",
             "search.n_trials=2",
             "search.prune_margin=5.0",
+            "trainer.limit_train_batches=null",  # a baseline worth comparing with
+            "trainer.max_epochs=4",
             "+search.seed_chains=[{order: DP, distill.width_mult: 2.0}]",
         )
     )
