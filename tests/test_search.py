@@ -370,12 +370,12 @@ def postgres_url() -> Iterator[str]:
         env=env,
     )
     try:
-        import psycopg2
+        import psycopg
 
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        conn.cursor().execute("CREATE DATABASE optuna")
-        conn.close()
+        with psycopg.connect(
+            host="127.0.0.1", port=port, user="postgres", dbname="postgres", autocommit=True
+        ) as conn:
+            conn.execute("CREATE DATABASE optuna")
         yield f"postgresql://postgres@127.0.0.1:{port}/optuna"  # as conf/search shows it
     finally:
         subprocess.run(
