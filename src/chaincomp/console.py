@@ -22,6 +22,7 @@ from pytorch_lightning.callbacks import TQDMProgressBar
 NOISY_LOGGERS = (
     "mlflow.store.db.utils",  # "Creating initial MLflow database tables..."
     "alembic.runtime.migration",
+    "optuna",  # "Trial N finished with values ...": the sweep prints its own progress line
     "pytorch_lightning",
     "lightning",
     "lightning.pytorch",
