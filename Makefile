@@ -21,7 +21,7 @@ help:
 	@echo "make test-slow  the long quality tests (real datasets, minutes)"
 	@echo "make lint       ruff check + format check;  make format: apply ruff format"
 	@echo "make typecheck  mypy;  make bench: training throughput vs a plain PyTorch loop"
-	@echo "make studies    the CPU-size order studies (24 orders on Fashion-MNIST and rotation, ~1 h each)"
+	@echo "make studies    the CPU-size order studies (24 orders on Fashion-MNIST and rotation; resumable, more than 1 h each with oneDNN off)"
 	@echo "make reports    chaincomp report for every study into experiments/*/results/"
 	@echo "make strip-notebooks  clear the outputs of notebooks/*.ipynb before a commit"
 
