@@ -262,9 +262,9 @@ def test_three_runs_started_together_in_an_empty_folder(tmp_path: Path) -> None:
     assert len({r.data.tags["chaincomp.pid"] for r in chains}) == 3
 
 
-def test_a_rerun_closes_the_runs_its_killed_predecessor_left_running(tmp_path: Path) -> None:
-    db = tmp_path / "mlflow.db"
-    args = _chaincomp(
+def _long_p_run(tmp_path: Path, db: Path, *extra: str) -> list[str]:
+    """``chaincomp run`` of a 12-epoch P on full digits: seconds inside one step."""
+    return _chaincomp(
         "run",
         *TINY,
         "trainer.limit_train_batches=null",
@@ -272,18 +272,29 @@ def test_a_rerun_closes_the_runs_its_killed_predecessor_left_running(tmp_path: P
         "chain.steps.P.settings.epochs=12",
         f"tracking.uri=sqlite:///{db}",
         f"chain.cache_dir={tmp_path / 'cache'}",
+        *extra,
     )
+
+
+def _signal_inside_p(proc: subprocess.Popen, db: Path, sig: int) -> None:  # type: ignore[type-arg]
+    """Send ``sig`` once P's step run is open (a second into its fine-tune)."""
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if ("1:P", "RUNNING") in _peek(db):
+            time.sleep(1.0)
+            proc.send_signal(sig)
+            return
+
+
+def test_a_rerun_closes_the_runs_its_killed_predecessor_left_running(tmp_path: Path) -> None:
+    db = tmp_path / "mlflow.db"
+    args = _long_p_run(tmp_path, db)
     proc = subprocess.Popen(
         args, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and proc.poll() is None:
-            time.sleep(0.3)
-            if ("1:P", "RUNNING") in _peek(db):
-                time.sleep(1.0)  # inside P's fine-tune
-                proc.send_signal(signal.SIGKILL)
-                break
+        _signal_inside_p(proc, db, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
@@ -304,24 +315,9 @@ def test_a_rerun_closes_the_runs_its_killed_predecessor_left_running(tmp_path: P
 
 def test_sigterm_exits_143_with_its_runs_killed(tmp_path: Path) -> None:
     db = tmp_path / "mlflow.db"
-    args = _chaincomp(
-        "run",
-        *TINY,
-        "trainer.limit_train_batches=null",
-        "chain.order=[P]",
-        "chain.steps.P.settings.epochs=12",
-        f"tracking.uri=sqlite:///{db}",
-        f"chain.cache_dir={tmp_path / 'cache'}",
-        f"hydra.run.dir={tmp_path / 'out'}",
-    )
+    args = _long_p_run(tmp_path, db, f"hydra.run.dir={tmp_path / 'out'}")
     proc = subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.3)
-        if ("1:P", "RUNNING") in _peek(db):
-            time.sleep(1.0)
-            proc.send_signal(signal.SIGTERM)
-            break
+    _signal_inside_p(proc, db, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()[-2000:]
     assert "terminated (SIGTERM)" in err.decode()
