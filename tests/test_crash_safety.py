@@ -67,7 +67,24 @@ def _never_train(*args, **kwargs):  # type: ignore[no-untyped-def]
             "chain.steps.E.settings.points",
             "no stage 7 in SmallCNN (3 stages)",
         ),
-        ((*PLAIN, "chain.order=[D]"), "chain.steps.D.settings.width_mult", "has none"),
+        (
+            # a model without its own width_mult is thinned generically, never widened
+            (*PLAIN, "chain.order=[D]", "chain.steps.D.settings.width_mult=2.0"),
+            "chain.steps.D.settings.width_mult",
+            "can only be thinned",
+        ),
+        (
+            # two D steps of a user's model: the second widens the first's thinned student
+            (
+                *PLAIN,
+                "chain.order=[D,D2]",
+                "+stage@chain.steps.D2=distill",
+                "chain.steps.D.settings.width_mult=0.5",
+                "chain.steps.D2.settings.width_mult=4.0",
+            ),
+            "chain.steps.D2.settings.width_mult",
+            "past its own width",
+        ),
         ((*PLAIN, "chain.order=[Q,E]"), "chain.steps.E.settings", "PlainNet exposes no exit"),
         (
             # E's heads move to the student, which has one stage fewer than the teacher
@@ -81,7 +98,13 @@ def _never_train(*args, **kwargs):  # type: ignore[no-untyped-def]
             "no stage 3 in SmallCNN",
         ),
     ],
-    ids=["exit-point", "no-width_mult", "no-stages", "exit-point-of-student"],
+    ids=[
+        "exit-point",
+        "widen-no-width_mult",
+        "widen-thinned",
+        "no-stages",
+        "exit-point-of-student",
+    ],
 )
 def test_bad_settings_stop_before_the_baseline_trains(
     tmp_path: Path,

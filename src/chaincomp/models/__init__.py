@@ -27,6 +27,7 @@ __all__ = [
     "StagedNet",
     "build_model",
     "check_output",
+    "takes_argument",
 ]
 
 # keys of a model config that describe it but are not constructor arguments
@@ -36,6 +37,16 @@ META_KEYS = ("name", "_target_")
 def model_names() -> list[str]:
     """The model configs of ``conf/model/`` (what a config may name as a model)."""
     return sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
+
+
+def takes_argument(model_cfg: Mapping[str, Any], name: str) -> bool | None:
+    """Whether the constructor of ``model_cfg['_target_']`` accepts ``name`` (``**kwargs``
+    counts); None when the target cannot be imported (:func:`build_model` says why)."""
+    try:
+        params = inspect.signature(get_object(str(model_cfg.get("_target_")))).parameters
+    except Exception:
+        return None
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def build_model(

@@ -2,7 +2,10 @@
 
 The current network becomes a frozen teacher; the student is ``student`` (a ``conf/model`` config
 that Hydra composes into the setting: ``+model@chain.steps.D.settings.student=resnet18``) or, when
-that is null, the current architecture's config, at ``width_mult`` times its width. The
+that is null, the current architecture's config, at ``width_mult`` times its width. A model whose
+constructor takes no ``width_mult`` (a user's own) is thinned generically: the same graph with
+every channel group of Torch-Pruning's dependency graph cut to ``width_mult`` and re-initialized
+(:mod:`chaincomp.models.thin`). The
 student trains with ``(1 - alpha) * task loss + alpha * task.distill_loss`` (Hinton KD at
 ``temperature`` for classification; the teacher's predicted mean as the target for regression).
 
@@ -22,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from chaincomp.errors import ConfigError
-from chaincomp.models import build_model, model_names
+from chaincomp.models import build_model, model_names, takes_argument
+from chaincomp.models.thin import TARGET as THIN_TARGET
 from chaincomp.module import CompressibleModule
 from chaincomp.stages.base import (
     Phase,
@@ -68,9 +72,23 @@ class DistillSettings(StageSettings):
 
 
 def student_config(current: dict[str, Any], s: DistillSettings) -> dict[str, Any]:
+    """The student's model config: ``student`` (or the current architecture's config) with its
+    ``width_mult`` multiplied; a model that takes no ``width_mult`` is wrapped in
+    :func:`~chaincomp.models.thin.thinned` (the same graph, every channel group thinned)."""
     cfg = dict(s.student) if s.student is not None else dict(current)
-    if s.width_mult != 1.0:  # build_model rejects a model without a width_mult argument
-        cfg["width_mult"] = float(cfg.get("width_mult", 1.0)) * s.width_mult
+    if s.width_mult == 1.0:
+        return cfg
+    if takes_argument(cfg, "width_mult") is False:
+        if s.width_mult > 1:
+            raise ConfigError(
+                f"{s.prefix}.width_mult",
+                f"{s.width_mult} would widen {cfg.get('_target_')}, which takes no width_mult "
+                "argument; such a model can only be thinned",
+                f"(0, 1], or a student that takes width_mult (+model@{s.prefix}.student=<name>, "
+                f"<name> one of {model_names()})",
+            )
+        return {"_target_": THIN_TARGET, "base": cfg, "width_mult": s.width_mult}
+    cfg["width_mult"] = float(cfg.get("width_mult", 1.0)) * s.width_mult
     return cfg
 
 
@@ -82,20 +100,21 @@ def build_student(
     image_size: tuple[int, int],
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The (untrained) student and its config; a student that cannot be built is a
-    :class:`ConfigError` naming the D key the user typed (``<prefix>.width_mult`` when the
-    model takes no ``width_mult``, else ``<prefix>.student``)."""
+    :class:`ConfigError` naming the D key the user typed (``<prefix>.width_mult`` when a
+    model that takes no ``width_mult`` would be widened, else ``<prefix>.student``)."""
     cfg = student_config(current, s)
+    if cfg.get("_target_") == THIN_TARGET and not 0 < cfg["width_mult"] <= 1:
+        raise ConfigError(
+            f"{s.prefix}.width_mult",
+            f"{s.width_mult} would widen {cfg['base'].get('_target_')} (thinned to "
+            f"{cfg['width_mult'] / s.width_mult:g} by an earlier D) past its own width",
+            f"a product with the earlier D steps' width_mult in (0, 1], or a student that takes "
+            f"width_mult (+model@{s.prefix}.student=<name>, <name> one of {model_names()})",
+        )
     try:
         return build_model(cfg, in_channels, num_outputs, image_size), cfg
     except ConfigError as exc:
         target = cfg.get("_target_")
-        if exc.key == "model.width_mult":
-            raise ConfigError(
-                f"{s.prefix}.width_mult",
-                f"{s.width_mult} needs a student with a width_mult argument, and {target} has none",
-                f"1.0 (the same architecture, full width) or a student that takes width_mult "
-                f"(+model@{s.prefix}.student=<name>, <name> one of {model_names()})",
-            ) from None
         what = "the student" if s.student is not None else "the current architecture"
         raise ConfigError(
             f"{s.prefix}.student",
