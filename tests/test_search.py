@@ -109,11 +109,14 @@ def test_space_subsets_and_explicit_orders() -> None:
         ("search.objective=cost", "search.max_metric_loss"),
         ("search.n_trials=0", "search.n_trials"),
         ("+search.speed=1", "search.speed"),
+        ("search.stagewise_start=middle", "search.stagewise_start"),
+        ("search.stage_trials=0", "search.stage_trials"),
+        ("search.stagewise=true,search.sampler=grid", "search.stagewise"),
     ],
 )
 def test_bad_search_config_names_the_key(override: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"^{key}"):
-        SearchConfig.from_cfg(compose_cfg(override))
+        SearchConfig.from_cfg(compose_cfg(*override.split(",")))
 
 
 def test_a_diverged_trial_fails_with_its_reason(
@@ -516,8 +519,9 @@ def test_chaincomp_ui_serves_the_store(tmp_path: Path) -> None:
     try:
         assert proc.stdout is not None
         line = proc.stdout.readline()  # the link to the experiment's runs table
-        link = f"{base}/#/experiments/{exp_id}/runs"
-        assert line.startswith(f"MLflow UI for {uri}: {link}"), line
+        query = "workflowType=machine_learning&viewStateShareKey=chaincomp"
+        link = f"{base}/#/experiments/{exp_id}/runs?{query}"
+        assert line.startswith(f"MLflow UI for {uri}: {link} "), line
         _wait_http(base + "/", 120)
         with urllib.request.urlopen(link, timeout=10) as r:
             assert r.status == 200
@@ -527,7 +531,17 @@ def test_chaincomp_ui_serves_the_store(tmp_path: Path) -> None:
         with urllib.request.urlopen(
             f"{api}/experiments/get-by-name?experiment_name=served-store", timeout=10
         ) as r:
-            assert json.loads(r.read())["experiment"]["experiment_id"] == exp_id
+            experiment = json.loads(r.read())["experiment"]
+        assert experiment["experiment_id"] == exp_id
+        # the view the link names: MLflow's "model training" kind, chaincomp's columns, runs
+        # oldest first (a chain's steps in chain order)
+        tags = {t["key"]: t["value"] for t in experiment["tags"]}
+        assert tags["mlflow.experimentKind"] == "custom_model_development"
+        view = json.loads(tags["mlflow.sharedViewState.chaincomp"])
+        assert view["orderByKey"] == "attributes.start_time" and view["orderByAsc"] is True
+        assert {"metrics.`val_metric`", "metrics.`bitops_ratio`", "tags.`chaincomp.order`"} <= set(
+            view["selectedColumns"]
+        )
         with urllib.request.urlopen(f"{api}/runs/get?run_id={run_id}", timeout=10) as r:
             run = json.loads(r.read())["run"]
         assert run["info"]["run_name"] == "the-run"
@@ -839,3 +853,85 @@ def test_a_hopeless_trial_is_pruned_after_its_first_step(tmp_path: Path) -> None
         [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'"
     )
     assert sorted(r.info.run_name for r in steps) == ["1:D", "baseline"]
+
+
+# ---------------------------------------------------------------- stage-by-stage search
+
+
+def backward_step(sampler, study: optuna.Study, number: int) -> str:  # type: ignore[no-untyped-def]
+    from chaincomp.search.samplers import stagewise_plan
+
+    plan = stagewise_plan(study, number, sampler._space, sampler._stage_trials, sampler._start)
+    assert plan is not None
+    return plan.step
+
+
+def test_stagewise_sampler_searches_one_step_at_a_time_around_the_incumbent() -> None:
+    """No training: a synthetic objective (metric falls with prune.ratio, BitOps fall with it
+    and with fewer bits). Seeds are left alone; then each block of ``stage_trials`` trials
+    varies only one step's settings, the rest being the incumbent's at the time."""
+    from chaincomp.search.samplers import StagewiseSampler, incumbent
+
+    cfg = compose_cfg("chain.order=[P,Q]", "search.orders=[PQ,QP]")
+    space = space_of(cfg, SearchConfig.from_cfg(cfg))
+    base = optuna.samplers.RandomSampler(seed=1)
+    sampler = StagewiseSampler(base, space, stage_trials=3)
+    study = optuna.create_study(directions=["maximize", "minimize"], sampler=sampler)
+    seed = space.seed_params("PQ", {"P": {"ratio": 0.5}, "Q": {"w_bits": 8, "a_bits": 8}})
+    study.enqueue_trial(seed, user_attrs={"seed": "configured"})
+
+    def objective(trial: optuna.Trial) -> tuple[float, float]:
+        order, o = space.suggest(trial)
+        p, q = o["P"], o["Q"]
+        metric = 90 - 10 * p["ratio"] ** 2 - (8 - q["w_bits"]) * 0.5
+        bitops = (1 - p["ratio"]) * q["w_bits"] * q["a_bits"] * (1.1 if order == "QP" else 1)
+        return metric, bitops
+
+    study.optimize(objective, n_trials=13)
+    trials = study.trials
+    assert trials[0].params == seed and 0 not in sampler.plans  # the seed, as queued
+    p_names = {p.name for p in space.params["P"]}
+    q_names = {p.name for p in space.params["Q"]}
+    steps = []
+    for t in trials[1:]:
+        plan = sampler.plans[t.number]
+        steps.append(plan.step)
+        assert t.params["order"] == plan.order == "PQ"  # the incumbent's order, kept
+        fixed = q_names if plan.step == "P" else p_names
+        inc = study.trials[plan.incumbent]
+        assert {k: t.params[k] for k in fixed} == {k: inc.params[k] for k in fixed}
+    assert steps == ["P"] * 3 + ["Q"] * 3 + ["P"] * 3 + ["Q"] * 3
+    backward = StagewiseSampler(base, space, stage_trials=3, start="last")
+    assert [backward_step(backward, study, n) for n in (1, 4, 7)] == ["Q", "P", "Q"]
+    # the searched step's settings do vary
+    assert len({t.params["prune.ratio"] for t in trials[1:4]}) == 3
+    # the incumbent: the cheapest trial at least as good on validation as the seed
+    best = incumbent(study)
+    assert best is not None
+    ok = [t for t in trials if t.values[0] >= trials[0].values[0]]
+    assert best.values[1] == min(t.values[1] for t in ok)
+
+
+def test_a_stagewise_sweep_reuses_the_incumbents_prefix(tmp_path: Path) -> None:
+    """Real chains on digits: trials searching the second step take the first from the cache."""
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "chain.order=[P,Q]",
+            "search.orders=[PQ]",
+            "search.sampler=random",
+            "search.name=stagewise",
+            "search.n_trials=5",
+            "search.stagewise=true",
+            "search.stage_trials=2",
+            "tracking.enabled=false",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    study = _journal_study(tmp_path / "study.journal", "stagewise")
+    t = study.trials
+    assert [x.user_attrs.get("stagewise", "")[:1] for x in t] == ["", "P", "P", "Q", "Q"]
+    # trials 1-2 search P: P and Q run; trials 3-4 search Q: P is the incumbent's, cached
+    assert [x.user_attrs["stage_runs"] for x in t[1:]] == [2, 2, 1, 1]
+    assert [x.user_attrs["cached_steps"] for x in t[3:]] == [1, 1]
+    assert summary["stage_runs"] == sum(x.user_attrs["stage_runs"] for x in t) < 2 * len(t)

@@ -37,6 +37,7 @@ NOISY_WARNINGS = (
     r".*The number of training batches \(\d+\) is smaller than the logging interval.*",
     r".*Checkpoint directory .* exists and is not empty.*",
     r".*`training_step` returned `None`.*",
+    r".*Argument ``group`` is an experimental feature.*",  # Optuna's TPE, as chaincomp sets it
 )
 
 
@@ -48,6 +49,9 @@ def quiet(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     for message in NOISY_WARNINGS:
         warnings.filterwarnings("ignore", message=message)
+    optuna = sys.modules.get("optuna")
+    if optuna is not None:  # Optuna sets its own level (INFO) when it first logs: set it now
+        optuna.logging.set_verbosity(logging.WARNING)
 
 
 def progress_bars(enabled: bool) -> bool:

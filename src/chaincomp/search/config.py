@@ -19,6 +19,7 @@ from chaincomp.pipeline import config_section
 OBJECTIVES = ("pareto", "metric", "cost")
 PRUNERS = ("none", "median", "percentile")
 SAMPLERS = ("tpe", "nsga2", "random", "grid")
+STAGEWISE_STARTS = ("first", "last")
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,14 @@ class SearchConfig:
     ``metric`` / ``cost`` objectives the Optuna ``pruner`` (median | percentile: the 25 % best
     go on) judges the step's validation metric / BitOps; for ``pareto``, a prefix is hopeless
     when a finished trial on the front is at least ``prune_margin`` better on validation and
-    no more expensive in BitOps already (later steps can still cut BitOps, rarely add metric)."""
+    no more expensive in BitOps already (later steps can still cut BitOps, rarely add metric).
+
+    Stagewise (``stagewise``): each trial after the seeds keeps the order and settings of the
+    incumbent (the best trial; for pareto the cheapest one at least as good on validation as the
+    hand-set chain) except one step's, which the sampler searches; the searched step moves
+    along the order every ``stage_trials`` trials, from its first step forward or, with
+    ``stagewise_start: last``, from its last step backward (cheapest trials first). Earlier steps then come from the prefix
+    cache, so trials cost fewer stage runs."""
 
     name: str = "chaincomp"
     stages: tuple[str, ...] = ("D", "P", "Q", "E")
@@ -69,6 +77,9 @@ class SearchConfig:
     pruner: str = "none"
     prune_margin: float | None = None
     prune_after: int = 1
+    stagewise: bool = False
+    stage_trials: int = 4
+    stagewise_start: str = "first"
 
     def __post_init__(self) -> None:
         def bad(key: str, value: Any, allowed: Any) -> ConfigError:
@@ -108,6 +119,16 @@ class SearchConfig:
             raise bad("prune_margin", self.prune_margin, "null, or >= 0 with objective=pareto")
         if self.prune_after < 1:
             raise bad("prune_after", self.prune_after, "an integer >= 1 (steps)")
+        if self.stagewise and self.sampler == "grid":
+            raise ConfigError(
+                "search.stagewise",
+                "the grid sampler runs every order at fixed settings",
+                "false with sampler=grid, or sampler tpe | nsga2 | random",
+            )
+        if self.stagewise_start not in STAGEWISE_STARTS:
+            raise bad("stagewise_start", self.stagewise_start, STAGEWISE_STARTS)
+        if not (isinstance(self.stage_trials, int) and self.stage_trials >= 1):
+            raise bad("stage_trials", self.stage_trials, "an integer >= 1")
         if self.budget_epochs is not None and not self.budget_epochs >= 1:
             raise bad("budget_epochs", self.budget_epochs, "null or an integer >= 1")
         for i, entry in enumerate(self.seed_chains):

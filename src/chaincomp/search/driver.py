@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
 from chaincomp.chain import chain_spec
+from chaincomp.console import quiet
 from chaincomp.data.datamodule import DataConfig
 from chaincomp.errors import ChaincompError, ConfigError
 from chaincomp.pipeline import config_section, tracking_config
@@ -77,6 +78,8 @@ def _progress(
     hits = sum(int(t.user_attrs.get("cached_steps", 0)) for t in trials)
     spent = f"{epochs_trained(study)}" + (f"/{scfg.budget_epochs}" if scfg.budget_epochs else "")
     seed = f" (seed: {a['seed']})" if "seed" in a else ""
+    if "stagewise" in a:
+        seed = f" (searching {a['stagewise']})"
     console().print(
         f"[{counted(study)}/{scfg.n_trials}] trial {trial.number}{seed} {what} | stage runs "
         f"{runs}, cache hits {100 * hits / max(runs + hits, 1):.0f}%, epochs {spent} | "
@@ -138,7 +141,6 @@ def _worker_entry(
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(cfg_yaml)
     assert isinstance(cfg, DictConfig)
-    from chaincomp.console import quiet
 
     quiet(bool(cfg.get("verbose", False)))  # a spawned worker starts with the defaults
     work(cfg, scfg, Path(out), parent_run_id, worker)
@@ -203,6 +205,7 @@ def preflight_sweep(cfg: DictConfig, scfg: SearchConfig) -> None:
 def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     """Create or resume the study, run the workers, write ``summary.json``; returns it."""
     scfg = SearchConfig.from_cfg(cfg)
+    quiet(bool(cfg.get("verbose", False)))  # Optuna is imported now: its INFO lines too
     chain_spec(cfg)  # validate the chain catalogue before anything starts
     space = space_of(cfg, scfg)
     out = Path(output_dir)

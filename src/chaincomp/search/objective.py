@@ -79,6 +79,9 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
+        plan = getattr(trial.study.sampler, "plans", {}).get(trial.number)
+        if plan is not None:  # stagewise: which step this trial searches (see StagewiseSampler)
+            trial.set_user_attr("stagewise", plan.describe())
         order, overrides = self.space.suggest(trial, with_params=self.scfg.sampler != "grid")
         cfg = self.trial_config(order, overrides)
         run_ids: list[str | None] = []
