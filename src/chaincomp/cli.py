@@ -226,10 +226,44 @@ def cmd_sweep(cfg: DictConfig) -> dict[str, Any]:
     return summary
 
 
+# The runs table as chaincomp's link opens it: MLflow's "model training" view (not its GenAI
+# start page), the key columns shown, runs oldest first (so a chain's steps read in chain order).
+UI_VIEW_KEY = "chaincomp"
+UI_COLUMNS = (
+    "tags.`chaincomp.order`",
+    "metrics.`val_metric`",
+    "metrics.`test_metric`",
+    "metrics.`bitops_ratio`",
+    "metrics.`val_bitops_ratio`",
+    "metrics.`size_mb`",
+    "tags.`chaincomp.pareto`",
+)
+
+
 def ui_link(base: str, experiment_id: str | None) -> str:
-    """The MLflow UI page of the experiment's runs (or the UI's start page)."""
+    """The MLflow UI page of the experiment's runs in the "model training" view with
+    chaincomp's columns (the view :func:`prepare_ui_view` stores), or the UI's start page."""
     base = base.rstrip("/")
-    return f"{base}/#/experiments/{experiment_id}/runs" if experiment_id else f"{base}/"
+    if not experiment_id:
+        return f"{base}/"
+    query = f"workflowType=machine_learning&viewStateShareKey={UI_VIEW_KEY}"
+    return f"{base}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def prepare_ui_view(client: Any, experiment_id: str) -> None:
+    """Tag the experiment as model training and store chaincomp's runs-table view as an MLflow
+    shared view state (what the UI's "Share" button stores), which :func:`ui_link` names."""
+    import json
+
+    state = {
+        "selectedColumns": list(UI_COLUMNS),
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": True,
+    }
+    client.set_experiment_tag(experiment_id, "mlflow.experimentKind", "custom_model_development")
+    client.set_experiment_tag(
+        experiment_id, f"mlflow.sharedViewState.{UI_VIEW_KEY}", json.dumps(state)
+    )
 
 
 def cmd_ui(cfg: DictConfig) -> int:
@@ -244,6 +278,7 @@ def cmd_ui(cfg: DictConfig) -> int:
     port = int(cfg.get("port", 5000))
     tracker = Tracker(tracking_config(cfg))  # opens (or creates) the store: one-line errors
     exp = str(tracker.experiment_id)
+    prepare_ui_view(tracker.client, exp)
     if uri.startswith(("http://", "https://")):
         print(f"tracking.uri is a server already: open {ui_link(uri, exp)}")
         return 0

@@ -200,7 +200,13 @@ class Tracker:
                 self.client = MlflowClient(tracking_uri=cfg.uri)
                 exp = self.client.get_experiment_by_name(cfg.experiment)
                 self.experiment_id = (
-                    exp.experiment_id if exp else self.client.create_experiment(cfg.experiment)
+                    exp.experiment_id
+                    if exp
+                    else self.client.create_experiment(
+                        cfg.experiment,
+                        # MLflow's UI opens a "model training" experiment on its runs table
+                        tags={"mlflow.experimentKind": "custom_model_development"},
+                    )
                 )
             except ConfigError:
                 raise
