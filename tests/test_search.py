@@ -844,6 +844,7 @@ def test_a_hopeless_trial_is_pruned_after_its_first_step(tmp_path: Path) -> None
     reason = pruned.user_attrs["pruned_reason"]
     assert reason.startswith("after step 1 (D of DP)") and "dominated by trial 0 (PQ" in reason
     assert pruned.user_attrs["stage_runs"] == 1  # P never ran
+    assert pruned.user_attrs["steps_skipped"] == 1 and summary["stage_runs_saved_by_pruning"] == 1
     assert summary["states"] == {"COMPLETE": 1, "PRUNED": 1}
     assert summary["pruned"] == [{"trial": 1, "reason": reason}]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -935,3 +936,31 @@ def test_a_stagewise_sweep_reuses_the_incumbents_prefix(tmp_path: Path) -> None:
     assert [x.user_attrs["stage_runs"] for x in t[1:]] == [2, 2, 1, 1]
     assert [x.user_attrs["cached_steps"] for x in t[3:]] == [1, 1]
     assert summary["stage_runs"] == sum(x.user_attrs["stage_runs"] for x in t) < 2 * len(t)
+
+
+def test_a_stagewise_trial_is_judged_only_from_its_searched_step_on(tmp_path: Path) -> None:
+    """With prune_margin 0 every prefix that trails a cheaper front chain stops; the
+    incumbent's own prefix (shared by the trials that search a later step) is not judged."""
+    cfg = compose_cfg(
+        *_sweep_args(
+            tmp_path,
+            "chain.order=[P,Q]",
+            "search.orders=[PQ]",
+            "search.sampler=random",
+            "search.name=stagewise_pruned",
+            "search.n_trials=5",
+            "search.stagewise=true",
+            "search.stage_trials=2",
+            "search.prune_margin=0.0",
+            "tracking.enabled=false",
+        )
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    t = _journal_study(tmp_path / "study.journal", "stagewise_pruned").trials
+    for x in t[1:3]:  # searching P: judged after P; a pruned one never ran Q
+        ran = (x.user_attrs["stage_runs"], x.user_attrs.get("steps_skipped", 0))
+        assert ran == ((1, 1) if x.state.name == "PRUNED" else (2, 0))
+    for x in t[3:]:  # searching Q: the cached P is the incumbent's, never judged
+        assert x.state.name == "COMPLETE" and x.user_attrs["stage_runs"] == 1
+    skipped = sum(x.user_attrs.get("steps_skipped", 0) for x in t)
+    assert summary["stage_runs_saved_by_pruning"] == skipped

@@ -340,6 +340,9 @@ def summarize(
         "stage_runs": runs,
         "cached_steps": hits,
         "cache_hit_rate": hits / (runs + hits) if runs + hits else None,
+        "stage_runs_saved_by_pruning": sum(
+            int(t.user_attrs.get("steps_skipped", 0)) for t in trials
+        ),
         "epochs_trained": epochs_trained(study),
         "budget_epochs": scfg.budget_epochs,
         "seeds": {str(t.user_attrs["seed"]): t.number for t in trials if "seed" in t.user_attrs},

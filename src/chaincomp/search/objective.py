@@ -96,10 +96,14 @@ class Objective:
         stats = CacheStats()
         seen: list[dict[str, Any]] = []
 
+        # a stagewise trial shares the incumbent's prefix up to its searched step: judge only
+        # what it changed (the incumbent's own prefix may trail the front until a later step)
+        first = order.index(plan.step) + 1 if plan is not None and plan.step in order else 1
+
         def stepped(row: dict[str, Any]) -> None:
             seen.append(row)
             k = len(seen) - 1  # 0 = the baseline
-            if self.scfg.prune_after <= k < len(order):
+            if max(self.scfg.prune_after, first) <= k < len(order):
                 reason = self.hopeless(trial, order, seen, k)
                 if reason:
                     raise ChainPruned(reason)
@@ -126,6 +130,8 @@ class Objective:
         except optuna.TrialPruned as exc:
             trial.set_user_attr("letters", order)
             trial.set_user_attr("pruned_reason", str(exc)[:500])
+            # the steps it never ran: what stopping it early saved (seen[0] is the baseline)
+            trial.set_user_attr("steps_skipped", len(order) - max(len(seen) - 1, 0))
             _record_cost(trial, stats)
             raise
         except BaseException as exc:
