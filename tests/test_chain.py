@@ -189,3 +189,29 @@ def test_cli_run_rejects_an_unknown_step(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "chain.order: unknown step 'Z'; allowed: D, E, L, P, Q" in res.stderr
     assert not (tmp_path / "out" / "summary.json").exists()  # stopped before any training
+
+
+def test_each_step_says_where_its_time_went(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fit / evaluation / other seconds per step: a slow evaluation shows up as eval time, not
+    as other time, and the three parts make up the step's wall time."""
+    import time
+
+    import chaincomp.chain.runner as runner
+
+    real = runner.measure
+
+    def slow_measure(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(0.4)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure", slow_measure)
+    result = run_chain(_cfg(tmp_path, "chain.order=[P]"), tmp_path / "run")
+    for step in result.steps:
+        assert step.eval_time_s >= 0.4 and 0 <= step.other_time_s < 0.4, step
+        assert step.train_time_s > 0
+        parts = step.train_time_s + step.eval_time_s + step.other_time_s
+        assert parts == pytest.approx(step.time_s, rel=1e-9)
+    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert {"train_time_s", "eval_time_s", "other_time_s", "time_s"} <= set(saved["stages"][0])

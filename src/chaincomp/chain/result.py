@@ -30,7 +30,8 @@ from chaincomp.utils import write_json
 
 RESULT_SCHEMA = 1
 METRIC_KEYS = ("val_metric", "test_metric", "macs", "bitops", "val_bitops", "params", "size_mb")
-_STEP_FIELDS = ("name", "stage", "cached", "train_time_s", "time_s", *METRIC_KEYS)
+TIME_KEYS = ("train_time_s", "eval_time_s", "other_time_s", "time_s")
+_STEP_FIELDS = ("name", "stage", "cached", *TIME_KEYS, *METRIC_KEYS)
 _DERIVED = (
     "bitops_ratio",
     "val_bitops_ratio",
@@ -48,7 +49,10 @@ def _float(v: Any) -> float:
 class StepResult:
     """The state after one step (or the baseline): ``name`` is the step's name in the chain's
     catalogue (``"baseline"`` for step 0), ``stage`` its stage's name; ``cached``: taken from
-    the prefix cache; ``extra``: everything else the step measured (``<split>_exit_rates``,
+    the prefix cache; where the step's wall time ``time_s`` went: ``train_time_s`` (inside
+    ``Trainer.fit``), ``eval_time_s`` (evaluating and counting the cost), ``other_time_s`` (the
+    rest: the stage's own work outside fits, cache writes, logging); NaN when not recorded
+    (older results); ``extra``: everything else the step measured (``<split>_exit_rates``,
     ``static_bitops``, the stage's own summary as ``<stage>.<key>``)."""
 
     name: str
@@ -62,6 +66,8 @@ class StepResult:
     size_mb: float
     cached: bool = False
     train_time_s: float = math.nan
+    eval_time_s: float = math.nan
+    other_time_s: float = math.nan
     time_s: float = math.nan
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -73,7 +79,7 @@ class StepResult:
         if missing:
             raise ValueError(f"chain result step: missing {missing}")
         values = {k: row[k] for k in _STEP_FIELDS if k in row}
-        for k in (*METRIC_KEYS, "train_time_s", "time_s"):
+        for k in (*METRIC_KEYS, *TIME_KEYS):
             values[k] = _float(values.get(k))
         if math.isnan(values["val_bitops"]):
             values["val_bitops"] = values["bitops"]
@@ -93,6 +99,12 @@ class StepResult:
             **{k: getattr(self, k) for k in METRIC_KEYS},
             "train_time_s": self.train_time_s,
             "time_s": self.time_s,
+            # recorded since the fit / eval / other split: absent (not NaN) in older results
+            **{
+                k: getattr(self, k)
+                for k in ("eval_time_s", "other_time_s")
+                if not math.isnan(getattr(self, k))
+            },
             **self.extra,
         }
 

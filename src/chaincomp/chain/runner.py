@@ -184,11 +184,14 @@ def run_chain(
                         train_time = fine_tune(run, "baseline/", "baseline")(module, epochs)
                         stats.baselines_trained += 1
                         stats.epochs += epochs
+                    t_eval = time.perf_counter()
+                    measured = measure(module, dm)
                     row = {
                         "name": "baseline",
                         "stage": "baseline",
-                        **measure(module, dm),
+                        **measured,
                         "train_time_s": train_time,
+                        "eval_time_s": time.perf_counter() - t_eval,
                         "cached": False,
                     }
                     run.log_metrics(_numeric(row))
@@ -222,11 +225,14 @@ def run_chain(
                     ctx.records.append(record)
                     amendments = later_effects(ctx, record, module)
                     module.to(device)
+                    t_eval = time.perf_counter()
+                    measured = measure(module, dm)
                     row = {
                         "name": step.name,
                         "stage": stage.name,
-                        **measure(module, dm),
+                        **measured,
                         "train_time_s": record.train_time_s,
+                        "eval_time_s": time.perf_counter() - t_eval,
                         "cached": False,
                         **{f"{stage.name}.{key}": v for key, v in stage.summary().items()},
                     }
@@ -244,8 +250,9 @@ def run_chain(
                     stats.epochs += int(stage.settings.epochs)
                     stats.executed_keys.append(keys[k])
             row["time_s"] = time.perf_counter() - t0
+            row["other_time_s"] = row["time_s"] - row["train_time_s"] - row["eval_time_s"]
             log.info(
-                "%s: %s: val %s %.2f, %.1fx fewer BitOps, %.1f s",
+                "%s: %s: val %s %.2f, %.1fx fewer BitOps, %.1f s (fit %.1f, eval %.1f, other %.1f)",
                 name,
                 "baseline"
                 if k == 0
@@ -254,6 +261,9 @@ def run_chain(
                 row["val_metric"],
                 entry["rows"][0]["bitops"] / max(row["bitops"], 1e-12) if entry["rows"] else 1.0,
                 row["time_s"],
+                row["train_time_s"],
+                row["eval_time_s"],
+                row["other_time_s"],
             )
             entry["rows"].append(row)
             entry["keys"].append(keys[k])
