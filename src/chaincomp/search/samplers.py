@@ -3,7 +3,8 @@
 Contract: tpe and nsga2 are constrained when ``max_metric_loss`` or ``bitops_budget`` is set,
 reading the trial user attr ``constraints`` (feasible when every value is <= 0) that
 :class:`~chaincomp.search.objective.Objective` writes; grid runs every order at the chain's fixed
-settings; each worker gets its own ``seed``. With ``search.stagewise`` the sampler is wrapped in
+settings (the same shuffle of the grid in every worker and resume); the other samplers get a
+``seed`` per worker. With ``search.stagewise`` the sampler is wrapped in
 :class:`StagewiseSampler` (one step's settings at a time, the rest at the incumbent's).
 """
 
@@ -39,7 +40,9 @@ def _base_sampler(scfg: SearchConfig, space: SearchSpace, seed: int) -> optuna.s
     constrained = scfg.max_metric_loss is not None or scfg.bitops_budget is not None
     cfunc = _constraints if constrained else None
     if scfg.sampler == "grid":
-        return optuna.samplers.GridSampler({"order": list(space.orders)}, seed=seed)
+        # Optuna shuffles the grid with the seed and names points by their index (trial k runs
+        # point k): every process of the study, and every resume, must shuffle alike
+        return optuna.samplers.GridSampler({"order": list(space.orders)}, seed=scfg.seed)
     if scfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     if scfg.sampler == "nsga2":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -120,7 +121,19 @@ class StaleHandler:
         close_runs(self.tracker, trial.user_attrs.get("mlflow_run_id"))
         retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
         if self.retry and trial.number not in retried:
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+            # the same parameters; a grid trial also keeps its grid point, so the grid sampler
+            # does not hand that point out again (it would run twice, another never)
+            system: dict[str, Any] = {"fixed_params": dict(trial.params)}
+            for key in ("grid_id", "search_space"):
+                if key in trial.system_attrs:
+                    system[key] = trial.system_attrs[key]
+            study.add_trial(
+                optuna.trial.create_trial(
+                    state=TrialState.WAITING,
+                    system_attrs=system,
+                    user_attrs={"retry_of": trial.number},
+                )
+            )
 
 
 def reap_stale(
