@@ -67,13 +67,16 @@ typecheck: setup
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
 
+# the order studies write into the stores that are committed beside their results
+ORDERS_STORE = sqlite:///experiments/all_orders/results
+
 studies: setup
-	$(BIN)/chaincomp sweep experiment=orders_fashion
-	$(BIN)/chaincomp sweep experiment=orders_rotation
+	$(BIN)/chaincomp sweep experiment=orders_fashion tracking.uri=$(ORDERS_STORE)/fashion/runs-cpu.sqlite
+	$(BIN)/chaincomp sweep experiment=orders_rotation tracking.uri=$(ORDERS_STORE)/rotation/runs-cpu.sqlite
 
 reports: setup
-	$(BIN)/chaincomp report experiment=orders_fashion
-	$(BIN)/chaincomp report experiment=orders_rotation
+	$(BIN)/chaincomp report experiment=orders_fashion tracking.uri=$(ORDERS_STORE)/fashion/runs-cpu.sqlite
+	$(BIN)/chaincomp report experiment=orders_rotation tracking.uri=$(ORDERS_STORE)/rotation/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=headline_cifar10 \
 		tracking.uri=sqlite:///experiments/headline/results/cifar10/runs-h200.sqlite
 
