@@ -1003,3 +1003,11 @@ def test_a_grid_study_runs_every_order_once_across_workers_resumes_and_a_dead_wo
     assert sorted(done) == sorted(space.orders)  # all 24, each once
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == dead.number]
     assert len(retried) == 1 and retried[0].params["order"] == dead.params["order"]
+    # a re-run whose worker died as well is not queued a third time (a crash its settings cause
+    # would otherwise kill every worker in turn)
+    again = resumed.ask()
+    storage.set_trial_user_attr(again._trial_id, "retry_of", 99)
+    storage.set_trial_state_values(again._trial_id, optuna.trial.TrialState.FAIL)
+    before = len(study.trials)
+    StaleHandler(NullTracker(), retry=True)(study, storage.get_trial(again._trial_id))
+    assert len(study.trials) == before

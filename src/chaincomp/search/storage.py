@@ -120,7 +120,9 @@ class StaleHandler:
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         close_runs(self.tracker, trial.user_attrs.get("mlflow_run_id"))
         retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
-        if self.retry and trial.number not in retried:
+        # once: a re-run that killed its worker too (a native crash the trial's own settings
+        # cause) stays failed, so the workers do not die on it one after another
+        if self.retry and trial.number not in retried and "retry_of" not in trial.user_attrs:
             # the same parameters; a grid trial also keeps its grid point, so the grid sampler
             # does not hand that point out again (it would run twice, another never)
             system: dict[str, Any] = {"fixed_params": dict(trial.params)}
