@@ -1003,11 +1003,52 @@ def test_a_grid_study_runs_every_order_once_across_workers_resumes_and_a_dead_wo
     assert sorted(done) == sorted(space.orders)  # all 24, each once
     retried = [t for t in study.trials if t.user_attrs.get("retry_of") == dead.number]
     assert len(retried) == 1 and retried[0].params["order"] == dead.params["order"]
-    # a re-run whose worker died as well is not queued a third time (a crash its settings cause
-    # would otherwise kill every worker in turn)
-    again = resumed.ask()
-    storage.set_trial_user_attr(again._trial_id, "retry_of", 99)
-    storage.set_trial_state_values(again._trial_id, optuna.trial.TrialState.FAIL)
-    before = len(study.trials)
-    StaleHandler(NullTracker(), retry=True)(study, storage.get_trial(again._trial_id))
-    assert len(study.trials) == before
+    # settings whose worker dies every time (a native crash) run at most MAX_RERUNS more times
+    from chaincomp.search.storage import MAX_RERUNS
+
+    crashing = resumed.ask()
+    deaths = 0
+    while True:
+        deaths += 1
+        storage.set_trial_state_values(crashing._trial_id, optuna.trial.TrialState.FAIL)
+        before = len(study.trials)
+        StaleHandler(NullTracker(), retry=True)(study, storage.get_trial(crashing._trial_id))
+        if len(study.trials) == before:
+            break
+        crashing = resumed.ask()  # the queued re-run
+        assert crashing.user_attrs["retry_of"] == study.trials[-2].number
+    assert deaths == 1 + MAX_RERUNS
+
+
+def test_a_worker_that_dies_in_native_code_is_replaced_and_the_sweep_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two workers; the first training forward aborts its process (SIGABRT, as a crash inside
+    oneDNN does). The sweep starts another worker, which fails and re-queues the dead worker's
+    trial, and every trial completes."""
+    marker = tmp_path / "abort-once"
+    marker.write_text("")
+    monkeypatch.setenv("CHAINCOMP_TEST_ABORT_FILE", str(marker))
+    own_model = ("model=custom", "model._target_=tests.user_models.AbortOnceNet")
+    args = [a for a in _sweep_args(tmp_path) if not a.startswith("model")]
+    cfg = compose_cfg(
+        *args,
+        *own_model,
+        *(
+            "chain.order=[Q]",
+            "chain.order=[Q]",
+            "search.stages=[Q]",
+            "search.sampler=random",
+            "search.name=abort",
+            "search.n_trials=3",
+            "search.n_workers=2",
+            "tracking.enabled=false",
+        ),
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    assert not marker.exists()  # a worker did die
+    t = _journal_study(tmp_path / "study.journal", "abort").trials
+    failed = [x for x in t if x.state.name == "FAIL"]
+    assert len(failed) == 1 and "died" in failed[0].user_attrs["fail_reason"]
+    assert [x.user_attrs.get("retry_of") for x in t].count(failed[0].number) == 1
+    assert summary["states"] == {"COMPLETE": 3, "FAIL": 1}

@@ -56,3 +56,28 @@ class TinyMobileNet(StagedNet):
         stages[-1].append(conv_bn(c, 64))
         self.stages = nn.ModuleList(stages)
         self.head = ClassifierHead(64, num_outputs)
+
+
+class AbortOnceNet(nn.Module):
+    """A small CNN whose first training forward kills its process (``os.abort``, like a crash in
+    native code) while the file named by ``$CHAINCOMP_TEST_ABORT_FILE`` exists; it deletes the
+    file first, so exactly one process dies."""
+
+    def __init__(self, in_channels: int = 1, num_outputs: int = 10):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, num_outputs),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        import os
+
+        marker = os.environ.get("CHAINCOMP_TEST_ABORT_FILE")
+        if self.training and marker and os.path.exists(marker):
+            os.remove(marker)
+            os.abort()
+        return self.body(x)

@@ -255,17 +255,30 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             ctx = mp.get_context("spawn")
             threads = max(1, (os.cpu_count() or 1) // scfg.n_workers)
             yaml = OmegaConf.to_yaml(cfg, resolve=True)
-            procs = [
-                ctx.Process(
+
+            def start(i: int) -> Any:
+                proc = ctx.Process(
                     target=_worker_entry, args=(yaml, scfg, str(out), parent_id, i, threads)
                 )
-                for i in range(scfg.n_workers)
-            ]
+                proc.start()
+                return proc
+
+            # a worker that dies (a native crash, the OOM killer) is replaced: its successor
+            # fails the dead worker's trial and re-queues it (storage.MAX_RERUNS times at most)
+            restarts, died = 3 * scfg.n_workers, []
+            procs = [start(i) for i in range(scfg.n_workers)]
             try:
-                for p in procs:
-                    p.start()
-                for p in procs:
-                    p.join()
+                while any(p.is_alive() for p in procs):
+                    time.sleep(1.0)
+                    for i, p in enumerate(procs):
+                        if p.is_alive() or not p.exitcode or restarts == 0:
+                            continue
+                        died.append(p.exitcode)
+                        restarts -= 1
+                        log.warning(
+                            "sweep worker %d died (exit code %s); starting another", i, p.exitcode
+                        )
+                        procs[i] = start(i)
             finally:  # interrupted (Ctrl-C, SIGTERM): no worker outlives the sweep
                 for p in procs:
                     if p.is_alive():
@@ -273,7 +286,10 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                         p.join(10)
             bad = [p.exitcode for p in procs if p.exitcode]
             if bad:
-                raise ChaincompError(f"{len(bad)} sweep worker(s) exited with codes {bad}")
+                raise ChaincompError(
+                    f"{len(bad)} sweep worker(s) exited with codes {bad} "
+                    f"(after {len(died)} replaced: {died})"
+                )
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM
         status = "KILLED"
         raise

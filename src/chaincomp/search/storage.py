@@ -111,6 +111,10 @@ def close_runs(tracker: Tracker | NullTracker, run_id: str | None, status: str =
         tracker.close_tree(run_id, status, "worker died during the trial")
 
 
+#: How often a trial whose worker died is run again with the same settings.
+MAX_RERUNS = 2
+
+
 class StaleHandler:
     """What happens to a trial whose worker died: MLflow runs closed, optionally re-queued."""
 
@@ -119,10 +123,14 @@ class StaleHandler:
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         close_runs(self.tracker, trial.user_attrs.get("mlflow_run_id"))
-        retried = {t.user_attrs.get("retry_of") for t in study.get_trials(deepcopy=False)}
-        # once: a re-run that killed its worker too (a native crash the trial's own settings
-        # cause) stays failed, so the workers do not die on it one after another
-        if self.retry and trial.number not in retried and "retry_of" not in trial.user_attrs:
+        trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+        retried = {t.user_attrs.get("retry_of") for t in trials.values()}
+        # re-runs so far of these settings: after MAX_RERUNS a worker death is taken as caused
+        # by the settings (a native crash), not by the machine, and the trial stays failed
+        reruns, cur = 0, trial
+        while "retry_of" in cur.user_attrs and cur.user_attrs["retry_of"] in trials:
+            reruns, cur = reruns + 1, trials[cur.user_attrs["retry_of"]]
+        if self.retry and trial.number not in retried and reruns < MAX_RERUNS:
             # the same parameters; a grid trial also keeps its grid point, so the grid sampler
             # does not hand that point out again (it would run twice, another never)
             system: dict[str, Any] = {"fixed_params": dict(trial.params)}
