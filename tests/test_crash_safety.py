@@ -14,7 +14,6 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
-from torch import nn
 
 from chaincomp.chain import PrefixCache, run_chain
 from chaincomp.errors import ConfigError
@@ -32,24 +31,7 @@ TINY = (
 )
 
 
-class PlainNet(nn.Module):
-    """A user's own model: no stages (so no exit points) and no ``width_mult`` argument."""
-
-    def __init__(self, in_channels: int = 1, num_outputs: int = 10):
-        super().__init__()
-        self.body = nn.Sequential(
-            nn.Conv2d(in_channels, 8, 3, padding=1),
-            nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Linear(8, num_outputs),
-        )
-
-    def forward(self, x):  # type: ignore[no-untyped-def]
-        return self.body(x)
-
-
-PLAIN = ("model=custom", f"model._target_={__name__}.PlainNet")
+PLAIN = ("model=custom", "model._target_=tests.user_models.PlainNet")
 
 
 def _never_train(*args, **kwargs):  # type: ignore[no-untyped-def]

@@ -58,10 +58,8 @@ class TinyMobileNet(StagedNet):
         self.head = ClassifierHead(64, num_outputs)
 
 
-class AbortOnceNet(nn.Module):
-    """A small CNN whose first training forward kills its process (``os.abort``, like a crash in
-    native code) while the file named by ``$CHAINCOMP_TEST_ABORT_FILE`` exists; it deletes the
-    file first, so exactly one process dies."""
+class PlainNet(nn.Module):
+    """A user's own model: no stages (so no exit points) and no ``width_mult`` argument."""
 
     def __init__(self, in_channels: int = 1, num_outputs: int = 10):
         super().__init__()
@@ -73,6 +71,15 @@ class AbortOnceNet(nn.Module):
             nn.Linear(8, num_outputs),
         )
 
+    def forward(self, x):  # type: ignore[no-untyped-def]
+        return self.body(x)
+
+
+class AbortOnceNet(PlainNet):
+    """:class:`PlainNet` whose first training forward kills its process (``os.abort``, like a
+    crash in native code) while the file named by ``$CHAINCOMP_TEST_ABORT_FILE`` exists; it
+    deletes the file first, so exactly one process dies."""
+
     def forward(self, x: Tensor) -> Tensor:
         import os
 
@@ -80,4 +87,4 @@ class AbortOnceNet(nn.Module):
         if self.training and marker and os.path.exists(marker):
             os.remove(marker)
             os.abort()
-        return self.body(x)
+        return super().forward(x)
