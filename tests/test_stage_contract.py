@@ -34,6 +34,8 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("importance", "l3"),
         ("steps", 0),
         ("macs_target", 1.2),
+        ("kd_alpha", 1.0),
+        ("kd_temperature", 0.0),
     ],
     "quantize": [
         ("w_bits", 0),
@@ -41,6 +43,7 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("a_bits", 1),
         ("calibration", "mse"),
         ("first_bits", 0),
+        ("kd_alpha", -0.1),
     ],
     "early_exit": [
         ("head", "mlp"),
@@ -48,7 +51,13 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("train", "sometimes"),
         ("points", [2, 1]),
     ],
-    "lowrank": [("rank_ratio", 0.0), ("rank_ratio", 1.5), ("energy", 0.0), ("min_channels", 0)],
+    "lowrank": [
+        ("rank_ratio", 0.0),
+        ("rank_ratio", 1.5),
+        ("energy", 0.0),
+        ("min_channels", 0),
+        ("kd_alpha", 1.0),
+    ],
 }
 
 

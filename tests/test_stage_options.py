@@ -327,3 +327,44 @@ def test_cpu_onednn_decides_the_kernels_of_training_only(digits_base, onednn: bo
     fit(module, dm, tcfg, [Spy()])
     assert seen and set(seen) == {onednn}  # every training batch ran with the chosen kernels
     assert torch.backends.mkldnn.enabled  # and the process's setting is restored afterwards
+
+
+# ------------------------------------------------------------------ fine-tune distillation
+
+
+def _noisy_labels(module: Any) -> None:
+    """The task loss of ``module`` sees random labels (the KD term sees the inputs only)."""
+    task = copy.copy(module.task)
+    loss = task.loss
+    g = torch.Generator().manual_seed(0)
+    task.loss = lambda out, target: loss(out, torch.randint(0, 10, target.shape, generator=g))
+    module.task = task
+
+
+@pytest.mark.parametrize("stage", ["quantize", "prune"])
+def test_kd_alpha_distils_the_fine_tune_from_the_steps_input_network(
+    digits_base: Any, stage: str
+) -> None:
+    """Fine-tuned on random labels, the net forgets the task; with ``kd_alpha`` the step's
+    input network holds it: the effect of the KD term, measured on the validation set."""
+    cfg, dm, net = digits_base
+    cls = {"quantize": Quantize, "prune": Prune}[stage]
+    extra = {"ratio": 0.3} if stage == "prune" else {}
+    accuracy = {}
+    for alpha in (0.0, 0.9):
+        module = build_module(cfg, dm, copy.deepcopy(net))
+        _noisy_labels(module)
+        step = cls.from_config({"epochs": 2, "lr": 0.05, "kd_alpha": alpha, **extra})
+        step.run(module, make_ctx(cfg, dm))
+        assert module.loss_terms == {} and module.task_weight == 1.0  # removed after the fits
+        accuracy[alpha] = module.evaluate(dm.loader("val", "cpu"))
+    base = build_module(cfg, dm, copy.deepcopy(net)).evaluate(dm.loader("val", "cpu"))
+    assert accuracy[0.0] < base - 20, accuracy  # random labels alone ruin it
+    assert accuracy[0.9] > base - 10, (base, accuracy)  # the input net's knowledge holds it
+
+
+def test_kd_alpha_is_a_fine_tune_setting_of_p_q_and_low_rank_only() -> None:
+    with pytest.raises(ConfigError, match=r"chain\.steps\.Q\.settings\.kd_alpha.*\[0, 1\)"):
+        Quantize.from_config({"kd_alpha": 1.0}, "chain.steps.Q.settings")
+    with pytest.raises(ConfigError, match=r"stage\.distill.*kd_alpha"):  # D has its own alpha
+        Distill.from_config({"kd_alpha": 0.5})

@@ -7,6 +7,7 @@ through the ``_target_`` of its ``conf/stage`` file (see :func:`~chaincomp.stage
 """
 
 from chaincomp.stages.base import (
+    FineTuneSettings,
     Phase,
     RecordError,
     ReplayInfo,
@@ -29,6 +30,7 @@ __all__ = [
     "EarlyExit",
     "EarlyExitSettings",
     "ExitNet",
+    "FineTuneSettings",
     "Phase",
     "Prune",
     "PruneSettings",

@@ -29,6 +29,7 @@ the later stage. The runner (through :class:`StageContext`) calls, on every reco
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import math
@@ -38,7 +39,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Generic, TypeVar, get_type_hints
 
 import pytorch_lightning as pl
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from chaincomp.data import ChainDataModule
 from chaincomp.errors import ConfigError, check_keys
@@ -96,6 +98,49 @@ class StageSettings:
         out = dataclasses.asdict(self)
         out.pop("prefix")
         return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+
+@dataclass(frozen=True)
+class FineTuneSettings(StageSettings):
+    """Settings of a stage that changes the net and fine-tunes it (P, Q, low-rank).
+
+    ``kd_alpha`` in [0, 1): the fine-tune distils from the step's *input* network (the net as
+    this step received it, frozen): the loss is ``(1 - kd_alpha) * task loss + kd_alpha * KD``
+    with the task's distillation loss at ``kd_temperature`` (> 0). 0 (the default) = the task
+    loss alone. The teacher costs one extra forward per training batch.
+    """
+
+    kd_alpha: float = 0.0
+    kd_temperature: float = 4.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.check(0 <= self.kd_alpha < 1, "kd_alpha", self.kd_alpha, "[0, 1)")
+        self.check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
+
+
+class InputTeacher:
+    """The loss term of :class:`FineTuneSettings`: KD from a frozen copy of the step's input
+    network (its final output, no early exit), moved to the batch's device on first use."""
+
+    def __init__(self, net: nn.Module, alpha: float, temperature: float):
+        self.net = copy.deepcopy(net).eval()
+        for p in self.net.parameters():
+            p.requires_grad_(False)
+        self.alpha = alpha
+        self.temperature = temperature
+
+    def __call__(
+        self, module: CompressibleModule, x: Tensor, out: Tensor, target: Tensor
+    ) -> Tensor:
+        first = next(self.net.parameters(), None)
+        if first is not None and first.device != x.device:
+            self.net.to(x.device)
+        self.net.eval()
+        with torch.no_grad():
+            forward_all = getattr(self.net, "forward_all", None)
+            t_out = forward_all(x)[-1] if forward_all is not None else self.net(x)
+        return self.alpha * module.task.distill_loss(out, t_out, self.temperature)
 
 
 class RecordError(ValueError):
@@ -291,14 +336,25 @@ class Stage(pl.Callback, ABC, Generic[S, R]):
 
     def run(self, module: CompressibleModule, ctx: StageContext) -> R:
         """apply -> each phase (``before`` then one fit with this stage as a callback) ->
-        finalize; returns the record. Stages do not override this."""
+        finalize; returns the record. With :class:`FineTuneSettings` ``kd_alpha`` > 0 the fits
+        also distil from a frozen copy of the net as this step received it (taken before
+        ``apply``; removed before ``finalize``). Stages do not override this."""
+        s = self.settings
+        alpha = float(getattr(s, "kd_alpha", 0.0))
+        teacher = InputTeacher(module.net, alpha, s.kd_temperature) if alpha > 0 else None  # type: ignore[attr-defined]
         record = self.apply(module, ctx)
-        for phase in self.phases(module, ctx, record):
-            if phase.before is not None:
-                phase.before()
-            record.train_time_s += ctx.fit(
-                module, phase.epochs, callbacks=[self], lr=self.settings.lr
-            )
+        if teacher is not None:
+            module.loss_terms["kd_input"] = teacher
+            module.task_weight = 1.0 - alpha
+        try:
+            for phase in self.phases(module, ctx, record):
+                if phase.before is not None:
+                    phase.before()
+                record.train_time_s += ctx.fit(module, phase.epochs, callbacks=[self], lr=s.lr)
+        finally:
+            if teacher is not None:
+                module.loss_terms.pop("kd_input", None)
+                module.task_weight = 1.0
         self.finalize(module, ctx, record)
         return record
 

@@ -27,11 +27,17 @@ from torch import nn
 
 from chaincomp.cost import count_cost
 from chaincomp.module import CompressibleModule
-from chaincomp.stages.base import ReplayInfo, Stage, StageContext, StageRecord, StageSettings
+from chaincomp.stages.base import (
+    FineTuneSettings,
+    ReplayInfo,
+    Stage,
+    StageContext,
+    StageRecord,
+)
 
 
 @dataclass(frozen=True)
-class LowRankSettings(StageSettings):
+class LowRankSettings(FineTuneSettings):
     """``rank_ratio``: kept share of each layer's full rank, (0, 1]; ``energy``: when set, keep
     the smallest rank holding this share of the squared singular values, (0, 1];
     ``include_first``: factor the first convolution too; ``min_channels``: skip convolutions

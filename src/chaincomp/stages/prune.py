@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from chaincomp.cost import count_cost
 from chaincomp.errors import ConfigError
 from chaincomp.module import CompressibleModule
-from chaincomp.stages.base import Phase, ReplayInfo, Stage, StageContext, StageRecord, StageSettings
+from chaincomp.stages.base import (
+    FineTuneSettings,
+    Phase,
+    ReplayInfo,
+    Stage,
+    StageContext,
+    StageRecord,
+)
 
 IMPORTANCES = ("l1", "l2", "taylor")
 SCOPES = ("uniform", "global")
@@ -37,7 +44,7 @@ def make_importance(name: str) -> tp.importance.Importance:
 
 
 @dataclass(frozen=True)
-class PruneSettings(StageSettings):
+class PruneSettings(FineTuneSettings):
     """``importance`` l1 | l2 (group norm) | taylor; ``scope`` uniform | global; ``ratio``:
     fraction of channels removed (0, 1); ``macs_target``: fraction of MACs to remove (0, 1),
     overrides ``ratio`` when set; ``steps``: prune/fine-tune rounds (``epochs`` each);

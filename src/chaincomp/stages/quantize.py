@@ -32,7 +32,14 @@ from chaincomp.layers.quant import (
     weight_levels,
 )
 from chaincomp.module import CompressibleModule
-from chaincomp.stages.base import Phase, ReplayInfo, Stage, StageContext, StageRecord, StageSettings
+from chaincomp.stages.base import (
+    FineTuneSettings,
+    Phase,
+    ReplayInfo,
+    Stage,
+    StageContext,
+    StageRecord,
+)
 
 CALIB_MODES = ("max", "percentile")
 
@@ -50,7 +57,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class QuantizeSettings(StageSettings):
+class QuantizeSettings(FineTuneSettings):
     """``w_bits`` 1..8, ``a_bits`` 2..8 for the inner layers; ``first_bits`` / ``last_bits``
     (2..8, default 8) for the first conv and the heads; ``learn_scale`` = LSQ step sizes
     for activations; ``calibration`` max | percentile (``percentile`` value) over
