@@ -52,12 +52,13 @@ def optimizer_groups(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[list[list
     yield calls
 
 
-def _cfg(ckpt: Path, order: str, cache: Path | None) -> Any:
+def _cfg(ckpt: Path, order: str, cache: Path | None, *extra: str) -> Any:
     return compose_cfg(
         *FAST,
         f"chain.baseline.checkpoint={ckpt}",
         f"chain.order=[{','.join(order)}]",
         f"chain.cache_dir={cache or 'null'}",
+        *extra,
     )
 
 
@@ -77,16 +78,18 @@ def _rows(result: ChainResult) -> list[dict[str, Any]]:
     return [{k: getattr(s, k) for k in METRIC_KEYS} for s in result.steps]
 
 
-def _check_order(order: str, ckpt: Path, cache: Path, tmp: Path, groups: list) -> None:
+def _check_order(
+    order: str, ckpt: Path, cache: Path, tmp: Path, groups: list, *extra: str
+) -> None:
     """Run ``order`` cold, then warm from the cache its prefixes were written into."""
     groups.clear()
-    cold = run_chain(_cfg(ckpt, order, None), tmp / f"cold-{order}")
+    cold = run_chain(_cfg(ckpt, order, None, *extra), tmp / f"cold-{order}")
     cold_groups = list(groups)
     for k in range(1, len(order)):  # the prefixes, each resumed from the one before
-        run_chain(_cfg(ckpt, order[:k], cache), tmp / f"warm-{order[:k]}")
+        run_chain(_cfg(ckpt, order[:k], cache, *extra), tmp / f"warm-{order[:k]}")
     groups.clear()
     stats = CacheStats()
-    warm = run_chain(_cfg(ckpt, order, cache), tmp / f"warm-{order}", stats=stats)
+    warm = run_chain(_cfg(ckpt, order, cache, *extra), tmp / f"warm-{order}", stats=stats)
     assert stats.reused == len(order) - 1 and stats.executed == 1, order
     assert groups, f"{order}: the last step trained nothing"
     assert groups == cold_groups[-len(groups) :], f"{order}: optimizer parameter groups differ"
@@ -103,6 +106,19 @@ def test_cold_equals_warm_every_ordered_pair(
 ) -> None:
     for second in "DPQE".replace(first, ""):
         _check_order(first + second, baseline_ckpt, tmp_path / "cache", tmp_path, optimizer_groups)
+
+
+def test_cold_equals_warm_when_fine_tunes_distil_from_the_baseline(
+    baseline_ckpt: Path, tmp_path: Path, optimizer_groups: list
+) -> None:
+    """Cold, Q's teacher is the baseline kept from the run; warm, it is read from the cache."""
+    kd = (
+        "chain.steps.Q.settings.kd_alpha=0.5",
+        "chain.steps.Q.settings.kd_teacher=baseline",
+        "chain.steps.P.settings.kd_alpha=0.5",
+    )
+    for order in ("DQ", "PQ"):
+        _check_order(order, baseline_ckpt, tmp_path / "cache", tmp_path, optimizer_groups, *kd)
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("calibration", "mse"),
         ("first_bits", 0),
         ("kd_alpha", -0.1),
+        ("kd_teacher", "teacher"),
     ],
     "early_exit": [
         ("head", "mlp"),

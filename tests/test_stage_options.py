@@ -363,6 +363,28 @@ def test_kd_alpha_distils_the_fine_tune_from_the_steps_input_network(
     assert accuracy[0.9] > base - 10, (base, accuracy)  # the input net's knowledge holds it
 
 
+def test_kd_teacher_baseline_distils_from_the_contexts_baseline_not_the_input(
+    digits_base: Any,
+) -> None:
+    """``kd_teacher: baseline`` takes its teacher from ``ctx.baseline``: an untrained
+    "baseline" teaches the quantized net to forget the task, the trained input net does not."""
+    cfg, dm, net = digits_base
+    untrained = build_module(cfg, dm).net
+    accuracy = {}
+    for teacher in ("input", "baseline"):
+        module = build_module(cfg, dm, copy.deepcopy(net))
+        ctx = dataclasses.replace(make_ctx(cfg, dm), baseline=lambda: untrained)
+        settings = {"epochs": 2, "lr": 0.05, "kd_alpha": 0.9, "kd_teacher": teacher}
+        Quantize.from_config(settings).run(module, ctx)
+        accuracy[teacher] = module.evaluate(dm.loader("val", "cpu"))
+    assert accuracy["input"] > 90 and accuracy["baseline"] < accuracy["input"] - 20, accuracy
+    module = build_module(cfg, dm, copy.deepcopy(net))  # no baseline in the context: one error
+    with pytest.raises(ConfigError, match=r"stage\.quantize\.kd_teacher.*allowed: input"):
+        Quantize.from_config({"kd_alpha": 0.5, "kd_teacher": "baseline"}).run(
+            module, make_ctx(cfg, dm)
+        )
+
+
 def test_kd_alpha_is_a_fine_tune_setting_of_p_q_and_low_rank_only() -> None:
     with pytest.raises(ConfigError, match=r"chain\.steps\.Q\.settings\.kd_alpha.*\[0, 1\)"):
         Quantize.from_config({"kd_alpha": 1.0}, "chain.steps.Q.settings")

@@ -29,7 +29,7 @@ from chaincomp.chain.replay import replay, replay_info, save_chain, trainable_na
 from chaincomp.chain.result import METRIC_KEYS, ChainResult, from_rows
 from chaincomp.chain.spec import chain_spec
 from chaincomp.console import StepProgressBar
-from chaincomp.errors import ConfigError
+from chaincomp.errors import ChaincompError, ConfigError
 from chaincomp.pipeline import (
     build_data,
     build_module,
@@ -116,6 +116,26 @@ def run_chain(
             bar = [StepProgressBar(f"{name} · {label}")] if tcfg.enable_progress_bar else []
             return fine_tuner(dm, tcfg, [MlflowMetricsCallback(run, prefix), *bar])
 
+        # the baseline, for steps that distil their fine-tune from it (kd_teacher: baseline):
+        # kept once trained or loaded here, else read from its cache entry
+        needs_baseline = any(getattr(st.settings, "uses_baseline", False) for st in spec.steps)
+        kept: dict[str, torch.nn.Module] = {}
+
+        def baseline_net() -> torch.nn.Module:
+            if "net" not in kept:
+                found0 = cache.load(keys[0]) if cache.has(keys[0]) else None
+                if found0 is None:
+                    raise ChaincompError(
+                        "a step distils from the chain's baseline, which is neither trained in "
+                        f"this run nor in the prefix cache ({spec.cache_dir}): run it with "
+                        "chain.cache_dir=null, or without deleting cache entries"
+                    )
+                base, weights = found0
+                net = replay_info(base).build(base["model"])
+                net.load_state_dict(weights, strict=True)
+                kept["net"] = net
+            return kept["net"]
+
         # the longest cached prefix (index into keys); -1 = nothing, not even the baseline
         start, found, stale_before = -1, None, stats.stale
         for k in range(len(keys) - 1, -1, -1):
@@ -144,6 +164,8 @@ def run_chain(
             )
             replay(entry, weights, module)
             module.to(device)
+            if needs_baseline and start == 0:
+                kept["net"] = copy.deepcopy(module.net)
             stats.reused += start
             log.info(
                 "%s: baseline%s from the cache",
@@ -195,6 +217,8 @@ def run_chain(
                         "cached": False,
                     }
                     run.log_metrics(_numeric(row))
+                    if needs_baseline:
+                        kept["net"] = copy.deepcopy(module.net)
             else:
                 step = spec.steps[k - 1]
                 stage = step.make()
@@ -218,6 +242,7 @@ def run_chain(
                         records=list(records),
                         model_cfg=model_cfg,
                         seed=seed,
+                        baseline=baseline_net,
                     )
                     seed_everything(seed + k)
                     record = stage.run(module, ctx)

@@ -104,24 +104,36 @@ class StageSettings:
 class FineTuneSettings(StageSettings):
     """Settings of a stage that changes the net and fine-tunes it (P, Q, low-rank).
 
-    ``kd_alpha`` in [0, 1): the fine-tune distils from the step's *input* network (the net as
-    this step received it, frozen): the loss is ``(1 - kd_alpha) * task loss + kd_alpha * KD``
-    with the task's distillation loss at ``kd_temperature`` (> 0). 0 (the default) = the task
-    loss alone. The teacher costs one extra forward per training batch.
+    ``kd_alpha`` in [0, 1): the fine-tune also distils from a frozen teacher, the loss being
+    ``(1 - kd_alpha) * task loss + kd_alpha * KD`` with the task's distillation loss at
+    ``kd_temperature`` (> 0); 0 (the default) = the task loss alone. ``kd_teacher``: ``input``
+    (the net as this step received it: the unpruned net for P, the float net for Q) or
+    ``baseline`` (the chain's trained baseline, :meth:`StageContext.baseline`). The teacher costs
+    one extra forward per training batch.
     """
 
     kd_alpha: float = 0.0
     kd_temperature: float = 4.0
+    kd_teacher: str = "input"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check(0 <= self.kd_alpha < 1, "kd_alpha", self.kd_alpha, "[0, 1)")
         self.check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
+        self.check(self.kd_teacher in KD_TEACHERS, "kd_teacher", self.kd_teacher, KD_TEACHERS)
+
+    @property
+    def uses_baseline(self) -> bool:
+        """Whether the fine-tune distils from the chain's baseline."""
+        return self.kd_alpha > 0 and self.kd_teacher == "baseline"
 
 
-class InputTeacher:
-    """The loss term of :class:`FineTuneSettings`: KD from a frozen copy of the step's input
-    network (its final output, no early exit), moved to the batch's device on first use."""
+KD_TEACHERS = ("input", "baseline")
+
+
+class KDTeacher:
+    """The loss term of :class:`FineTuneSettings`: KD from a frozen copy of ``net`` (its final
+    output, no early exit), moved to the batch's device on first use."""
 
     def __init__(self, net: nn.Module, alpha: float, temperature: float):
         self.net = copy.deepcopy(net).eval()
@@ -211,6 +223,7 @@ class StageContext:
     """What a stage may use besides the module: the data, a way to fine-tune, and the chain so far.
 
     ``fit(module, epochs, callbacks, lr)`` runs one ``Trainer.fit`` and returns its wall time.
+    ``baseline()`` returns the chain's trained baseline network (None outside a chain run).
     ``records`` holds the typed records of the steps already applied (oldest first, amendments
     included). ``model_cfg`` is the architecture config of the current network.
     A stage that changes the net in a way earlier techniques must follow reports it with
@@ -223,6 +236,15 @@ class StageContext:
     model_cfg: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     deferred: list[Callable[[], None]] = field(default_factory=list)
+    baseline: Callable[[], nn.Module] | None = None
+
+    def baseline_net(self, key: str = "kd_teacher") -> nn.Module:
+        """The chain's trained baseline network (the runner provides it: kept from this run or
+        read from the prefix cache; do not modify it); a :class:`ConfigError` naming ``key``
+        where this context has none."""
+        if self.baseline is None:
+            raise ConfigError(key, "this step runs without the chain's baseline", "input")
+        return self.baseline()
 
     def in_force(self) -> list[StageRecord]:
         """The latest record of each technique still applied to the net, in chain order.
@@ -338,10 +360,14 @@ class Stage(pl.Callback, ABC, Generic[S, R]):
         """apply -> each phase (``before`` then one fit with this stage as a callback) ->
         finalize; returns the record. With :class:`FineTuneSettings` ``kd_alpha`` > 0 the fits
         also distil from a frozen copy of the net as this step received it (taken before
-        ``apply``; removed before ``finalize``). Stages do not override this."""
+        ``apply``) or of the chain's baseline; the term is removed before ``finalize``. Stages
+        do not override this."""
         s = self.settings
-        alpha = float(getattr(s, "kd_alpha", 0.0))
-        teacher = InputTeacher(module.net, alpha, s.kd_temperature) if alpha > 0 else None  # type: ignore[attr-defined]
+        teacher = None
+        if isinstance(s, FineTuneSettings) and s.kd_alpha > 0:
+            source = ctx.baseline_net(f"{s.prefix}.kd_teacher") if s.uses_baseline else module.net
+            teacher = KDTeacher(source, s.kd_alpha, s.kd_temperature)
+        alpha = teacher.alpha if teacher is not None else 0.0
         record = self.apply(module, ctx)
         if teacher is not None:
             module.loss_terms["kd_input"] = teacher
