@@ -78,9 +78,7 @@ def _rows(result: ChainResult) -> list[dict[str, Any]]:
     return [{k: getattr(s, k) for k in METRIC_KEYS} for s in result.steps]
 
 
-def _check_order(
-    order: str, ckpt: Path, cache: Path, tmp: Path, groups: list, *extra: str
-) -> None:
+def _check_order(order: str, ckpt: Path, cache: Path, tmp: Path, groups: list, *extra: str) -> None:
     """Run ``order`` cold, then warm from the cache its prefixes were written into."""
     groups.clear()
     cold = run_chain(_cfg(ckpt, order, None, *extra), tmp / f"cold-{order}")
