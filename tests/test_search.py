@@ -108,6 +108,7 @@ def test_space_subsets_and_explicit_orders() -> None:
         ("search.sampler=cmaes", "search.sampler"),
         ("search.objective=cost", "search.max_metric_loss"),
         ("search.n_trials=0", "search.n_trials"),
+        ("search.trial_timeout=0", "search.trial_timeout"),
         ("+search.speed=1", "search.speed"),
         ("search.stagewise_start=middle", "search.stagewise_start"),
         ("search.stage_trials=0", "search.stage_trials"),
@@ -1052,3 +1053,36 @@ def test_a_worker_that_dies_in_native_code_is_replaced_and_the_sweep_finishes(
     assert len(failed) == 1 and "died" in failed[0].user_attrs["fail_reason"]
     assert [x.user_attrs.get("retry_of") for x in t].count(failed[0].number) == 1
     assert summary["states"] == {"COMPLETE": 3, "FAIL": 1}
+
+
+def test_a_hung_trial_is_killed_at_trial_timeout_failed_not_requeued_and_the_sweep_finishes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One worker (a subprocess, since ``search.trial_timeout`` is set); the first trial's
+    first training forward never returns. The sweep kills that worker after the timeout,
+    records the trial as FAIL naming the setting, does not run it again, starts another
+    worker and finishes the other trials."""
+    marker = tmp_path / "hang-once"
+    marker.write_text("")
+    monkeypatch.setenv("CHAINCOMP_TEST_HANG_FILE", str(marker))
+    args = [a for a in _sweep_args(tmp_path) if not a.startswith("model")]
+    cfg = compose_cfg(
+        *args,
+        "model=custom",
+        "model._target_=tests.user_models.HangOnceNet",
+        "chain.order=[Q]",
+        "search.stages=[Q]",
+        "search.sampler=random",
+        "search.name=hang",
+        "search.n_trials=3",
+        "search.trial_timeout=20",
+        "tracking.enabled=false",
+    )
+    summary = sweep(cfg, tmp_path / "out")
+    assert not marker.exists()  # a trial did hang
+    t = _journal_study(tmp_path / "study.journal", "hang").trials
+    failed = [x for x in t if x.state.name == "FAIL"]
+    assert len(failed) == 1
+    assert "search.trial_timeout (20 s)" in failed[0].user_attrs["fail_reason"]
+    assert not [x for x in t if "retry_of" in x.user_attrs]  # not queued again
+    assert summary["states"] == {"COMPLETE": 2, "FAIL": 1}

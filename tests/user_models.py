@@ -88,3 +88,20 @@ class AbortOnceNet(PlainNet):
             os.remove(marker)
             os.abort()
         return super().forward(x)
+
+
+class HangOnceNet(PlainNet):
+    """:class:`PlainNet` whose first training forward never returns (as a kernel spinning in
+    native code does) while the file named by ``$CHAINCOMP_TEST_HANG_FILE`` exists; it deletes
+    the file first, so exactly one trial hangs."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        import os
+        import time
+
+        marker = os.environ.get("CHAINCOMP_TEST_HANG_FILE")
+        if self.training and marker and os.path.exists(marker):
+            os.remove(marker)
+            while True:
+                time.sleep(1.0)
+        return super().forward(x)

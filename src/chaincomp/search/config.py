@@ -65,6 +65,7 @@ class SearchConfig:
     n_startup_trials: int = 8
     n_trials: int = 20
     timeout: float | None = None
+    trial_timeout: float | None = None
     n_workers: int = 1
     storage: str = ".chaincomp/optuna.journal"
     seed: int = 0
@@ -103,6 +104,8 @@ class SearchConfig:
             raise bad("n_workers", self.n_workers, ">= 1")
         if self.timeout is not None and not self.timeout > 0:
             raise bad("timeout", self.timeout, "null or > 0 seconds")
+        if self.trial_timeout is not None and not self.trial_timeout > 0:
+            raise bad("trial_timeout", self.trial_timeout, "null or > 0 seconds")
         if not self.name:
             raise bad("name", self.name, "a study name")
         if self.pruner not in PRUNERS:

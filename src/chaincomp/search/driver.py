@@ -42,7 +42,9 @@ from chaincomp.search.storage import (
     StaleHandler,
     counted,
     epochs_trained,
+    fail_overdue,
     make_storage,
+    overdue,
     reap_stale,
     waiting,
 )
@@ -249,9 +251,9 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
     parent = Run(getattr(tracker, "client", None), parent_id) if parent_id else None
     status = "FINISHED"
     try:
-        if scfg.n_workers == 1:
+        if scfg.n_workers == 1 and scfg.trial_timeout is None:
             work(cfg, scfg, out, parent_id)
-        else:
+        else:  # worker processes: a dead one is replaced, a hung one can be killed
             ctx = mp.get_context("spawn")
             threads = max(1, (os.cpu_count() or 1) // scfg.n_workers)
             yaml = OmegaConf.to_yaml(cfg, resolve=True)
@@ -270,6 +272,18 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
             try:
                 while any(p.is_alive() for p in procs):
                     time.sleep(1.0)
+                    if scfg.trial_timeout is not None:  # a trial hung (in a native kernel)
+                        alive = {p.pid: p for p in procs if p.is_alive() and p.pid is not None}
+                        for number, pid in overdue(study, set(alive), scfg.trial_timeout):
+                            alive[pid].kill()
+                            alive[pid].join(10)
+                            fail_overdue(study, storage, number, scfg.trial_timeout, tracker)
+                            log.warning(
+                                "trial %d ran past search.trial_timeout (%g s): its worker was "
+                                "killed and the trial failed",
+                                number,
+                                scfg.trial_timeout,
+                            )
                     for i, p in enumerate(procs):
                         if p.is_alive() or not p.exitcode or restarts == 0:
                             continue

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("started", time.time())  # search.trial_timeout counts from here
         plan = getattr(trial.study.sampler, "plans", {}).get(trial.number)
         if plan is not None:  # stagewise: which step this trial searches (see StagewiseSampler)
             trial.set_user_attr("stagewise", plan.describe())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,43 @@ def reap_stale(
     return reaped
 
 
+def overdue(study: optuna.Study, pids: set[int], limit: float) -> list[tuple[int, int]]:
+    """(trial number, worker pid) of every RUNNING trial of these worker processes on this host
+    whose chain started more than ``limit`` seconds ago (``search.trial_timeout``)."""
+    now = time.time()
+    return [
+        (t.number, int(t.user_attrs["pid"]))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.user_attrs.get("host") == HOST
+        and t.user_attrs.get("pid") in pids
+        and now - float(t.user_attrs.get("started", now)) > limit
+    ]
+
+
+def fail_overdue(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    number: int,
+    limit: float,
+    tracker: Tracker | NullTracker,
+) -> None:
+    """Record trial ``number`` (its worker was killed) as FAIL, ``fail_reason`` naming
+    ``search.trial_timeout``, and close its MLflow runs. Not re-queued: the same settings
+    would hang again."""
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study.study_name), number
+    )
+    reason = f"ran past search.trial_timeout ({limit:g} s): its worker was killed"
+    try:
+        storage.set_trial_user_attr(trial_id, "fail_reason", reason)
+        storage.set_trial_state_values(trial_id, TrialState.FAIL)
+    except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
+        return  # it finished (or was reaped) in the meantime
+    run_id = storage.get_trial(trial_id).user_attrs.get("mlflow_run_id")
+    if run_id and isinstance(tracker, Tracker):
+        tracker.close_tree(run_id, "KILLED", reason)
+
+
 def counted(study: optuna.Study) -> int:
     """Trials that count towards ``n_trials``: all but failed trials that were re-queued, and
     but trials still queued (WAITING: a seed or a re-queued trial, which run anyway)."""
@@ -199,7 +237,9 @@ __all__ = [
     "close_runs",
     "counted",
     "epochs_trained",
+    "fail_overdue",
     "make_storage",
+    "overdue",
     "reap_stale",
     "waiting",
 ]
