@@ -131,6 +131,12 @@ class FineTuneSettings(StageSettings):
 KD_TEACHERS = ("input", "baseline")
 
 
+def teacher_forward(teacher: nn.Module, x: Tensor) -> Tensor:
+    """The teacher's final output on the whole batch (no early exit)."""
+    forward_all = getattr(teacher, "forward_all", None)
+    return forward_all(x)[-1] if forward_all is not None else teacher(x)
+
+
 class KDTeacher:
     """The loss term of :class:`FineTuneSettings`: KD from a frozen copy of ``net`` (its final
     output, no early exit), moved to the batch's device on first use."""
@@ -150,8 +156,7 @@ class KDTeacher:
             self.net.to(x.device)
         self.net.eval()
         with torch.no_grad():
-            forward_all = getattr(self.net, "forward_all", None)
-            t_out = forward_all(x)[-1] if forward_all is not None else self.net(x)
+            t_out = teacher_forward(self.net, x)
         return self.alpha * module.task.distill_loss(out, t_out, self.temperature)
 
 

@@ -37,6 +37,7 @@ from chaincomp.stages.base import (
     StageSettings,
     record_from_json,
     stage_class,
+    teacher_forward,
 )
 
 
@@ -121,12 +122,6 @@ def build_student(
             f"{what} ({target}) cannot be built: {exc}",
             f"null or +model@{s.prefix}.student=<name>, <name> one of {model_names()}",
         ) from None
-
-
-def teacher_forward(teacher: nn.Module, x: Tensor) -> Tensor:
-    """The teacher's final output on the whole batch (no early exit)."""
-    forward_all = getattr(teacher, "forward_all", None)
-    return forward_all(x)[-1] if forward_all is not None else teacher(x)
 
 
 @dataclass
