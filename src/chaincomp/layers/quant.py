@@ -59,9 +59,74 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
     return (x - x * scale).detach() + x * scale
 
 
-def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
-    """``clamp(round(x / step), qmin, qmax) * step`` with a straight-through round."""
+def fake_quant_composed(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+    """:func:`fake_quant` written as a composition of autograd ops (a straight-through round
+    inside ``clamp(x / step) * step``). The reference the fused form is tested against, and the
+    fallback where a tensor subclass or double backward needs plain autograd ops."""
     return round_ste(torch.clamp(x / step, qmin, qmax)) * step
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """``(a * b).sum()`` in float32 without the product tensor where the layouts allow."""
+    if a.dtype == b.dtype == torch.float32 and a.stride() == b.stride():
+        if a.is_contiguous():
+            return torch.dot(a.view(-1), b.view(-1))
+        if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
+            return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+    return (a * b).sum(dtype=torch.float32)
+
+
+class _FakeQuant(torch.autograd.Function):
+    """Forward: ``round(clamp(x / step, qmin, qmax)) * step`` (the same operations, so the same
+    values, as :func:`fake_quant_composed`), plus a float mask of the clipping range. Backward,
+    derived by hand, one multiply and (LSQ) two dot products instead of the composed form's
+    dozen elementwise ops:
+
+    - ``x``: the straight-through gradient, ``grad`` where ``qmin <= x / step <= qmax``, else 0;
+    - ``step`` (only when it requires a gradient: LSQ): ``sum(grad * r)`` over the elements
+      (reduced to ``step``'s shape), ``r = round(x / step) - x / step`` inside the range and the
+      clamped level (``qmin`` or ``qmax``) outside it, computed as two dot products.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+        t = x / step
+        c = t.clamp(qmin, qmax)
+        # 1.0 inside the clipping range, 0.0 outside: a float mask (on the CPU, bool masks and
+        # torch.where run several times slower than a float multiply)
+        inside = torch.eq(c, t, out=torch.empty_like(t))
+        q = c.round_()
+        y = q * step
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(inside, t, q)
+            ctx.step_shape = step.shape
+        else:
+            ctx.save_for_backward(inside)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        inside = ctx.saved_tensors[0]
+        grad_x = grad * inside if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            # sum(grad * (q - t * inside)) = sum(grad * q) - sum(grad_x * t)
+            _, t, q = ctx.saved_tensors
+            shape = ctx.step_shape
+            if math.prod(shape) == 1:
+                grad_step = (_dot(grad, q) - _dot(grad_x, t)).reshape(shape)
+            else:
+                grad_step = (grad * q - grad_x * t).sum_to_size(shape)
+        return grad_x, grad_step, None, None
+
+
+def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``clamp(round(x / step), qmin, qmax) * step`` with a straight-through round: the gradient
+    to ``x`` is the identity inside the clipping range and 0 outside; the gradient to ``step``
+    (when it requires one) is LSQ's. ``step`` broadcasts against ``x`` (a scalar per tensor, or
+    a column per channel). One fused autograd node (:class:`_FakeQuant`); the values and
+    gradients equal those of :func:`fake_quant_composed`."""
+    return _FakeQuant.apply(x, step, qmin, qmax)  # type: ignore[no-any-return]
 
 
 def weight_levels(bits: int) -> int:

@@ -1,0 +1,129 @@
+"""The fused fake quantizer (one autograd node with a hand-derived backward) against the same
+function composed of autograd ops: same values, same gradients to the input and to the LSQ step,
+on hand-checked numbers, on every layout and range the layers use, and through a whole net."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from chaincomp.layers import quant
+from chaincomp.layers.quant import (
+    ActQuantizer,
+    QuantConv2d,
+    fake_quant,
+    fake_quant_composed,
+    grad_scale,
+    quantize_net,
+)
+
+
+def test_hand_checked_values_and_gradients() -> None:
+    # step 0.1, unsigned 4 bits: x / step = [0.5, 2.6, 20, -3]
+    x = torch.tensor([0.05, 0.26, 2.0, -0.3], requires_grad=True)
+    step = torch.tensor(0.1, requires_grad=True)
+    y = fake_quant(x, step, 0, 15)
+    # round half to even (0.5 -> 0), clamp at 15 and at 0
+    assert torch.allclose(y, torch.tensor([0.0, 0.3, 1.5, 0.0]))
+    y.sum().backward()
+    assert x.grad is not None and step.grad is not None
+    assert x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]  # straight through inside [0, 15] only
+    # LSQ: round(t) - t inside, the clamped level outside: (0 - 0.5) + (3 - 2.6) + 15 + 0
+    assert step.grad.item() == pytest.approx(14.9, abs=1e-5)
+
+
+def test_the_range_ends_are_inside_and_just_beyond_is_outside() -> None:
+    step = torch.tensor(1.0)
+    x = torch.tensor([-8.0, 7.0, 7.3, -8.2], requires_grad=True)
+    fake_quant(x, step, -8, 7).sum().backward()
+    assert x.grad is not None and x.grad.tolist() == [1.0, 1.0, 0.0, 0.0]
+
+
+def _both(x: torch.Tensor, step: torch.Tensor, qmin: int, qmax: int, scale: float | None):
+    """Values and gradients (to x and step) of the fused and the composed forms."""
+    out = []
+    for fn in (fake_quant, fake_quant_composed):
+        xi = x.detach().clone().requires_grad_(True)
+        si = step.detach().clone().requires_grad_(step.requires_grad)
+        s = grad_scale(si, scale) if scale is not None else si
+        y = fn(xi, s.abs().clamp_min(1e-8), qmin, qmax)
+        upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        (y * upstream).sum().backward()
+        out.append((y.detach(), xi.grad, si.grad))
+    return out
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_activation_fused_equals_composed(signed: bool, channels_last: bool) -> None:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, 5, 5, generator=g) * 2
+    if not signed:
+        x = x.relu()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    qmin, qmax = (-8, 7) if signed else (0, 15)
+    step = torch.tensor(0.17, requires_grad=True)
+    (y1, gx1, gs1), (y2, gx2, gs2) = _both(x, step, qmin, qmax, scale=1 / (150 * qmax) ** 0.5)
+    assert torch.equal(y1, y2)  # the same operations forward: identical values
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=1e-7)
+    assert (gx1 == 0).float().mean() > 0.02  # some inputs were clipped
+    assert gs1 is not None and gs2 is not None
+    assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-6) and gs1.abs() > 0
+
+
+@pytest.mark.parametrize("learned", [False, True])
+def test_per_channel_step_fused_equals_composed(learned: bool) -> None:
+    w = torch.randn(6, 4, 3, 3, generator=torch.Generator().manual_seed(1))
+    q = quant.weight_levels(4)
+    step = (w.reshape(6, -1).abs().amax(dim=1) / q).reshape(-1, 1, 1, 1) * 0.7  # some clipping
+    step.requires_grad_(learned)
+    (y1, gx1, gs1), (y2, gx2, gs2) = _both(w, step, -q, q, scale=None)
+    assert torch.equal(y1, y2)
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=1e-7)
+    if learned:
+        assert gs1 is not None and gs1.shape == step.shape
+        assert torch.allclose(gs1, gs2, rtol=1e-4, atol=1e-6)
+    else:
+        assert gs1 is None and gs2 is None
+
+
+def test_a_quantized_net_trains_the_same_with_either_form(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    )
+    quantize_net(net, {"0": [8, 8], "3": [4, 4], "7": [8, 8]}, learn_scale=True)
+    x = torch.randn(16, 3, 8, 8)
+    y = torch.randint(0, 5, (16,))
+    acts = [m for m in net.modules() if isinstance(m, ActQuantizer)]
+    for a in acts:
+        a.observing = True
+    net.eval()
+    net(x)
+    for a in acts:
+        a.finish_calibration()
+    net.train()
+    grads = []
+    for form in (fake_quant, fake_quant_composed):
+        monkeypatch.setattr(quant, "fake_quant", form)
+        twin = copy.deepcopy(net)
+        loss = nn.functional.cross_entropy(twin(x), y)
+        loss.backward()
+        grads.append((loss.detach(), {k: p.grad for k, p in twin.named_parameters()}))
+    (l1, g1), (l2, g2) = grads
+    assert torch.equal(l1, l2)
+    assert isinstance(net[3], QuantConv2d) and "3.act_quant.step" in g1
+    for k in g1:
+        assert g1[k] is not None and g2[k] is not None, k
+        assert torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6), k
