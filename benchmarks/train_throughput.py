@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -38,7 +39,7 @@ from chaincomp.pipeline import build_data, build_module, trainer_config
 from chaincomp.stages.base import StageSettings
 from chaincomp.stages.early_exit import EarlyExitSettings
 from chaincomp.stages.quantize import QuantizeSettings, quantize_module
-from chaincomp.utils import config_dir, seed_everything
+from chaincomp.utils import config_dir, keep_freed_memory_in_heap, seed_everything
 
 CPU_DEFAULTS = ("data=fashion_mnist", "model=resnet10")
 CPU_STEPS = 60  # batches per epoch on CPU unless --steps says otherwise
@@ -169,6 +170,7 @@ def run(
     qat: bool = True,
     exits: bool = True,
     exit_train: str = "joint",
+    rounds: int = 1,
 ) -> dict[str, Any]:
     """Train every path once and return the numbers.
 
@@ -177,11 +179,14 @@ def run(
     what the early_exit step itself does). Returns ``device`` (chosen from the trainer config
     before any fit), ``trained_on`` (path -> the device it really trained on, all equal to
     ``device``), ``images_per_s`` (path -> images/s), ``ratio``, ``qat_overhead``,
-    ``exits_qat_overhead``, the settings used, and ``modules`` / ``exit_heads_before`` (the
+    ``exits_qat_overhead``, ``samples`` (path -> images/s of each of the ``rounds`` rounds, every
+    path trained once per round, in turn; ``images_per_s`` is their median), the settings used, and ``modules`` / ``exit_heads_before`` (the
     trained modules with exit heads and their heads' state before training).
     """
     if epochs < 2:
         raise ValueError("epochs must be >= 2 (the first one is warm-up)")
+    if rounds < 1:
+        raise ValueError("rounds must be >= 1")
     if exit_train not in EXIT_TRAIN:
         raise ValueError(f"exit_train must be one of {EXIT_TRAIN}, not {exit_train!r}")
     quiet = ["tracking.enabled=false", "trainer.enable_progress_bar=false"]
@@ -204,6 +209,8 @@ def run(
     precision = tcfg.resolved_precision()
     if precision not in PLAIN_PRECISIONS:
         raise ValueError(f"the plain loop reproduces precision {PLAIN_PRECISIONS}, not {precision}")
+    if tcfg.cpu_keep_heap:  # what every chain fit does; for every path alike
+        keep_freed_memory_in_heap()
     qs = _settings(cfg, "Q", QuantizeSettings)
     es = _settings(cfg, "E", EarlyExitSettings)
     seed_everything(int(cfg.get("seed", 0)))
@@ -213,7 +220,7 @@ def run(
     initial = build_module(cfg, dm)
     channels_last = tcfg.channels_last and cuda
 
-    images_per_s: dict[str, float] = {}
+    samples: dict[str, list[float]] = {}
     trained_on: dict[str, str] = {}
     modules: dict[str, Any] = {}
     heads_before: dict[str, dict[str, torch.Tensor]] = {}
@@ -223,31 +230,32 @@ def run(
         trainer = tcfg.make([timer, *callbacks], max_epochs=epochs)
         trainer.fit(module, datamodule=dm)
         trained_on[path] = _trained_on(path, timer.devices, device)
-        images_per_s[path] = timer.images / timer.seconds
-
-    framework("framework", copy.deepcopy(initial))
-    plain, plain_devices = plain_loop(
-        copy.deepcopy(initial),
-        dm,
-        epochs,
-        steps,
-        device,
-        precision.startswith("bf16"),
-        channels_last,
-    )
-    trained_on["plain"] = _trained_on("plain", plain_devices, device)
-    images_per_s["plain"] = plain
-
-    if qat:
-        module = copy.deepcopy(initial).to(device)
-        quantize_module(module, dm, qs)
-        framework("qat", module)
+        samples.setdefault(path, []).append(timer.images / timer.seconds)
 
     points: list[int] = []
     if exits:
         backbone = backbone_of(initial.net)
         points = list(es.points) if es.points is not None else list(range(len(backbone.stages) - 1))
-        for path in ("exits", "exits_qat") if qat else ("exits",):
+    for _ in range(rounds):  # every path once per round: a slow spell hits all paths alike
+        framework("framework", copy.deepcopy(initial))
+        plain, plain_devices = plain_loop(
+            copy.deepcopy(initial),
+            dm,
+            epochs,
+            steps,
+            device,
+            precision.startswith("bf16"),
+            channels_last,
+        )
+        trained_on["plain"] = _trained_on("plain", plain_devices, device)
+        samples.setdefault("plain", []).append(plain)
+
+        if qat:
+            module = copy.deepcopy(initial).to(device)
+            quantize_module(module, dm, qs)
+            framework("qat", module)
+
+        for path in (("exits", "exits_qat") if qat else ("exits",)) if exits else ():
             module = copy.deepcopy(initial).to(device)
             torch.manual_seed(1)  # the same heads for both variants
             net = attach_exits(
@@ -266,6 +274,7 @@ def run(
             framework(path, module, callbacks)
             modules[path] = module
 
+    images_per_s = {path: statistics.median(v) for path, v in samples.items()}
     ips = images_per_s
     name = (
         torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
@@ -286,6 +295,8 @@ def run(
         "exit_train": exit_train,
         "trained_on": trained_on,
         "images_per_s": ips,
+        "samples": samples,
+        "rounds": rounds,
         "ratio": ips["framework"] / ips["plain"],
         "qat_overhead": ips["framework"] / ips["qat"] if "qat" in ips else math.nan,
         "exits_qat_overhead": ips["exits"] / ips["exits_qat"] if "exits_qat" in ips else math.nan,
@@ -303,7 +314,7 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"device: {r['device_name']}; data={r['data']} model={r['model']} "
         f"batch={r['batch_size']} precision={r['precision']} epochs={r['epochs']} "
-        f"(first is warm-up) steps/epoch={steps}",
+        f"(first is warm-up) steps/epoch={steps} rounds={r['rounds']} (images/s: the median)",
         "trained on: " + " ".join(f"{k}={v}" for k, v in r["trained_on"].items()),
         f"framework (Lightning) : {ips['framework']:10.0f} images/s",
         f"plain PyTorch loop    : {ips['plain']:10.0f} images/s",
@@ -328,6 +339,10 @@ def report(r: dict[str, Any]) -> str:
             f"exits + {qat}     : {ips['exits_qat']:10.0f} images/s",
             f"QAT overhead w/ exits : {r['exits_qat_overhead']:10.3f}",
         ]
+    lines.append(
+        "images/s per round: "
+        + "; ".join(f"{k} " + " ".join(f"{v:.0f}" for v in vs) for k, vs in r["samples"].items())
+    )
     return "\n".join(lines)
 
 
@@ -343,6 +358,13 @@ def main() -> None:
         type=int,
         default=None,
         help=f"cap on batches per epoch (default: {CPU_STEPS} on CPU, all on CUDA; 0 = all)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="train every path this many times, in turn, and report the median images/s "
+        "(a shared machine's slow spells hit every path alike)",
     )
     parser.add_argument("--no-qat", action="store_true", help="skip the QAT measurements")
     parser.add_argument("--no-exits", action="store_true", help="skip the early-exit measurements")
@@ -362,6 +384,7 @@ def main() -> None:
         qat=not args.no_qat,
         exits=not args.no_exits,
         exit_train=args.exit_train,
+        rounds=args.rounds,
     )
     print(report(r))
 

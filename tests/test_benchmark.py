@@ -53,12 +53,17 @@ def _check(result: dict, device_type: str) -> None:  # type: ignore[type-arg]
 
 def test_benchmark_paths_share_the_chosen_device_cpu() -> None:
     bench = _bench()
-    result = bench.run([*TINY, "trainer=cpu"], epochs=2, steps=2)
+    result = bench.run([*TINY, "trainer=cpu"], epochs=2, steps=2, rounds=2)
     _check(result, "cpu")
     assert result["device"] == "cpu"
     text = bench.report(result)
     for label in ("ratio framework/plain :", "QAT overhead float/QAT:", "QAT overhead w/ exits :"):
         assert label in text
+    # two rounds: every path measured twice, the reported figure is the median of the two
+    assert result["rounds"] == 2
+    for path in PATHS:
+        a, b = result["samples"][path]
+        assert result["images_per_s"][path] == pytest.approx((a + b) / 2)
 
 
 def test_benchmark_fails_loudly_on_a_device_mismatch() -> None:
