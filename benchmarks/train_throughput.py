@@ -218,7 +218,7 @@ def run(
     if dm.task.name != "classify":
         raise ValueError("the plain loop is written for data.task=classify")
     initial = build_module(cfg, dm)
-    channels_last = tcfg.channels_last and cuda
+    channels_last = tcfg.channels_last
 
     samples: dict[str, list[float]] = {}
     trained_on: dict[str, str] = {}

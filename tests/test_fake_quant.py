@@ -127,3 +127,13 @@ def test_a_quantized_net_trains_the_same_with_either_form(monkeypatch) -> None: 
     for k in g1:
         assert g1[k] is not None and g2[k] is not None, k
         assert torch.allclose(g1[k], g2[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_the_output_keeps_the_input_strides_of_a_one_channel_channels_last_batch() -> None:
+    # (N, 1, H, W) normalised by a (1, C, 1, 1) mean comes with channels_last strides; a
+    # convolution reading the quantized batch picks its layout from these strides
+    x = (torch.rand(4, 1, 6, 6) - torch.zeros(1, 1, 1, 1)) / torch.ones(1, 1, 1, 1)
+    x = x.as_strided(x.shape, (36, 1, 6, 1))
+    y = fake_quant(x, torch.tensor(0.1), -128, 127)
+    assert y.stride() == x.stride() == (36, 1, 6, 1)
+    assert torch.equal(y, fake_quant_composed(x, torch.tensor(0.1), -128, 127))

@@ -128,3 +128,47 @@ def test_bad_optim_values_name_the_key() -> None:
         OptimConfig(schedule="step")
     with pytest.raises(ConfigError, match="optim.lr"):
         OptimConfig(lr=0)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_trainer_channels_last_decides_the_layout_of_cpu_training(channels_last: bool) -> None:
+    """With ``trainer.channels_last`` a CPU fit puts the weights in channels_last and every
+    convolution of a fake-quantized net runs in that layout; without it the weights keep the
+    layout they were built in."""
+    import pytorch_lightning as pl
+
+    from chaincomp.stages.quantize import QuantizeSettings, quantize_module
+
+    cfg = compose_cfg(
+        "data=digits",
+        "model=small_cnn",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        f"trainer.channels_last={channels_last}",
+        *QUIET,
+    )
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    quantize_module(module, dm, QuantizeSettings(w_bits=4, a_bits=4))
+    convs = [m for m in module.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) >= 2 and all(c.weight.is_contiguous() for c in convs)
+    layouts: list[bool] = []
+
+    def hook(mod, inp, out):  # type: ignore[no-untyped-def]
+        if mod.training:
+            layouts.append(out.is_contiguous(memory_format=torch.channels_last))
+
+    class Stop(pl.Callback):
+        def on_train_batch_end(self, *args) -> None:  # type: ignore[no-untyped-def]
+            for h in handles:
+                h.remove()
+
+    handles = [c.register_forward_hook(hook) for c in convs]
+    fit(module, dm, trainer_config(cfg), [Stop()])
+    assert len(layouts) == len(convs)  # one training batch seen by every convolution
+    wide = [c for c in convs if c.in_channels > 1]  # one input channel: both layouts at once
+    if channels_last:
+        assert set(layouts) == {True}
+        assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in wide)
+    else:
+        assert all(not c.weight.is_contiguous(memory_format=torch.channels_last) for c in wide)

@@ -26,7 +26,12 @@ class CompressibleModule(pl.LightningModule):
       in ``loss_terms`` (stages add and remove their own terms by name, e.g. the KD term).
     - ``val/<metric>`` and ``test/<metric>`` are logged per epoch in the task's unit
       (accuracy in %, MAE in degrees); ``train/loss`` per step.
-    - On CUDA the net and batches use channels_last; mixed precision is the Trainer's setting.
+    - With ``channels_last`` (the trainer's setting, on CUDA and on the CPU) every fit starts by
+      putting the net's 4-D weights in channels_last, and the batches come channels_last: the
+      convolutions and batch norms then all run in that layout. (Without it, the layout is
+      whatever the first convolution picks from its input: a one-channel image batch is
+      ambiguous, and a fake-quantized input drops the net into the slower NCHW path on the CPU.)
+      Mixed precision is the Trainer's setting.
     """
 
     def __init__(self, net: nn.Module, task: Task, optim: OptimConfig, channels_last: bool = True):
@@ -48,7 +53,7 @@ class CompressibleModule(pl.LightningModule):
         return self.net(x)
 
     def on_fit_start(self) -> None:
-        if self.channels_last and self.device.type == "cuda":
+        if self.channels_last:
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:

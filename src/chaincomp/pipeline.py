@@ -35,7 +35,8 @@ PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 @dataclass(frozen=True)
 class TrainerConfig:
     """Lightning Trainer settings (``conf/trainer``). ``precision: auto`` = bf16-mixed on CUDA,
-    32-true elsewhere; ``channels_last`` applies on CUDA only; ``cpu_onednn``: train on the CPU
+    32-true elsewhere; ``channels_last``: nets and batches in that layout, on CUDA and the CPU
+    (faster for both with oneDNN); ``cpu_onednn``: train on the CPU
     with PyTorch's oneDNN convolution kernels (false: its native ones; torch 2.13's oneDNN
     1x1-convolution weight gradient hangs on some pruned channel counts, see README);
     ``cpu_keep_heap``: from the first fit on, the process keeps freed memory in its heap
@@ -147,7 +148,7 @@ def build_module(
     cfg: DictConfig, dm: ChainDataModule, net: nn.Module | None = None
 ) -> CompressibleModule:
     tcfg = trainer_config(cfg)
-    dm.channels_last = tcfg.channels_last and tcfg.uses_cuda
+    dm.channels_last = tcfg.channels_last
     return CompressibleModule(
         net if net is not None else build_net(cfg, dm),
         dm.task,

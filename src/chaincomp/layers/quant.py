@@ -85,21 +85,23 @@ class _FakeQuant(torch.autograd.Function):
     - ``x``: the straight-through gradient, ``grad`` where ``qmin <= x / step <= qmax``, else 0;
     - ``step`` (only when it requires a gradient: LSQ): ``sum(grad * r)`` over the elements
       (reduced to ``step``'s shape), ``r = round(x / step) - x / step`` inside the range and the
-      clamped level (``qmin`` or ``qmax``) outside it, computed as two dot products.
+      clamped level (``qmin`` or ``qmax``) outside it, computed as two dot products
+      (``sum(grad * y) - sum(grad_x * x)``, over ``step``).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
-        t = x / step
-        c = t.clamp(qmin, qmax)
-        # 1.0 inside the clipping range, 0.0 outside: a float mask (on the CPU, bool masks and
-        # torch.where run several times slower than a float multiply)
-        inside = torch.eq(c, t, out=torch.empty_like(t))
-        q = c.round_()
-        y = q * step
+        # t and y take x's exact strides (a one-channel channels_last batch stays channels_last,
+        # so the convolution that reads y keeps that layout)
+        dtype = torch.result_type(x, step)
+        t = torch.div(x, step, out=torch.empty_like(x, dtype=dtype))
+        y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
+        # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
+        # bool masks and torch.where run several times slower than a float multiply)
+        inside = torch.eq(y, t, out=t)
+        y.round_().mul_(step)  # in place: two tensors allocated per call, not four
         if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(inside, t, q)
-            ctx.step_shape = step.shape
+            ctx.save_for_backward(inside, x, y, step)
         else:
             ctx.save_for_backward(inside)
         return y
@@ -110,13 +112,12 @@ class _FakeQuant(torch.autograd.Function):
         grad_x = grad * inside if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
         grad_step = None
         if ctx.needs_input_grad[1]:
-            # sum(grad * (q - t * inside)) = sum(grad * q) - sum(grad_x * t)
-            _, t, q = ctx.saved_tensors
-            shape = ctx.step_shape
-            if math.prod(shape) == 1:
-                grad_step = (_dot(grad, q) - _dot(grad_x, t)).reshape(shape)
+            # sum(grad * (q - t * inside)) with q = y / step, t = x / step
+            _, x, y, step = ctx.saved_tensors
+            if step.numel() == 1:
+                grad_step = ((_dot(grad, y) - _dot(grad_x, x)) / step).reshape(step.shape)
             else:
-                grad_step = (grad * q - grad_x * t).sum_to_size(shape)
+                grad_step = ((grad * y - grad_x * x) / step).sum_to_size(step.shape)
         return grad_x, grad_step, None, None
 
 
