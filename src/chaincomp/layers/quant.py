@@ -109,7 +109,7 @@ class _FakeQuant(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
         inside = ctx.saved_tensors[0]
-        grad_x = grad * inside if ctx.needs_input_grad[0] or ctx.needs_input_grad[1] else None
+        grad_x = grad * inside
         grad_step = None
         if ctx.needs_input_grad[1]:
             # sum(grad * (q - t * inside)) with q = y / step, t = x / step
@@ -118,7 +118,7 @@ class _FakeQuant(torch.autograd.Function):
                 grad_step = ((_dot(grad, y) - _dot(grad_x, x)) / step).reshape(step.shape)
             else:
                 grad_step = ((grad * y - grad_x * x) / step).sum_to_size(step.shape)
-        return grad_x, grad_step, None, None
+        return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None
 
 
 def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
