@@ -172,3 +172,28 @@ def test_trainer_channels_last_decides_the_layout_of_cpu_training(channels_last:
         assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in wide)
     else:
         assert all(not c.weight.is_contiguous(memory_format=torch.channels_last) for c in wide)
+
+
+def test_training_losses_are_logged_every_log_every_n_steps() -> None:
+    cfg = compose_cfg(
+        "data=digits",
+        "model=small_cnn",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=10",
+        "trainer.log_every_n_steps=4",
+        *QUIET,
+    )
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    module.loss_terms["const"] = lambda m, x, out, target: torch.tensor(0.0)
+    logged: list[str] = []
+    log = module.log
+
+    def spy(name, *args, **kwargs):  # type: ignore[no-untyped-def]
+        logged.append(name)
+        return log(name, *args, **kwargs)
+
+    module.log = spy  # type: ignore[method-assign]
+    fit(module, dm, trainer_config(cfg))
+    # steps 0, 4 and 8 of the 10 log the loss and the term
+    assert logged.count("train/loss") == 3 and logged.count("train/loss_const") == 3
