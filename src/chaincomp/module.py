@@ -62,7 +62,7 @@ class CompressibleModule(pl.LightningModule):
         (Lightning writes to the loggers only then anyway; each ``self.log`` call costs a few
         milliseconds of Python, several percent of a small net's CPU step)."""
         trainer = self._trainer
-        every = max(int(trainer.log_every_n_steps), 1) if trainer is not None else 1
+        every = max(int(getattr(trainer, "log_every_n_steps", 1)), 1) if trainer is not None else 1
         return batch_idx % every == 0
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
