@@ -61,8 +61,8 @@ def grad_scale(x: Tensor, scale: float) -> Tensor:
 
 def fake_quant_composed(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     """:func:`fake_quant` written as a composition of autograd ops (a straight-through round
-    inside ``clamp(x / step) * step``). The reference the fused form is tested against, and the
-    fallback where a tensor subclass or double backward needs plain autograd ops."""
+    inside ``clamp(x / step) * step``): the reference the fused form is tested against. Nothing
+    in the chain calls it."""
     return round_ste(torch.clamp(x / step, qmin, qmax)) * step
 
 
