@@ -376,7 +376,7 @@ def main() -> None:
         "early_exit step trains them",
     )
     parser.add_argument("overrides", nargs="*", help="chaincomp config overrides")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # overrides may follow options
     r = run(
         args.overrides,
         args.epochs,

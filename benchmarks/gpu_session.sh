@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# What one GPU lease runs (about 10 minutes of an H100/H200), in the repository root:
+#   1. the headline chain (experiment=headline_cifar10, tracking off), its summary and run folder;
+#   2. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
+#      and ResNet-34 (batch 256), bf16-mixed, one round each.
+# Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
+# headline_run.tgz, bench.log. Each phase has its own time limit, so a slow phase cannot take the
+# next one's results with it.
+#
+#   OUT=/tmp/out benchmarks/gpu_session.sh
+#
+# Without network on that machine: put wheels of hydra-core, omegaconf, antlr4-python3-runtime and
+# torch-pruning in .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both.
+# CHAIN_ARGS / BENCH_ARGS: extra overrides (the CPU proof of this script makes everything tiny);
+# CHAIN_LIMIT / BENCH_LIMIT: seconds allowed per phase.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export CHAINCOMP_DATA_DIR=${CHAINCOMP_DATA_DIR:-$PWD/.gpu}
+export CHAINCOMP_CACHE_DIR=${CHAINCOMP_CACHE_DIR:-$PWD/.chaincomp}
+PY=${PY:-python3}
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
+  $PY -c "import torch, pytorch_lightning as pl; print('torch', torch.__version__, 'lightning', pl.__version__)"
+  nproc; } >"$OUT/env.txt" 2>&1
+
+run_dir=/tmp/headline_run
+rm -rf "$run_dir"
+start=$(date +%s)
+# shellcheck disable=SC2086
+timeout "${CHAIN_LIMIT:-400}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+  hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} >"$OUT/headline.log" 2>&1
+echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
+cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
+tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
+
+for spec in "resnet18 512" "resnet34 256 --no-exits"; do
+  set -- $spec
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${BENCH_LIMIT:-150}" $PY benchmarks/train_throughput.py data=cifar10 model=$1 \
+    data.batch_size=$2 --epochs 3 --rounds 1 ${3:-} ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
+  echo "bench $1: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+done
