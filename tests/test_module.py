@@ -27,6 +27,28 @@ def test_training_on_digits_learns() -> None:
     assert after["macs"] > 0 and after["bitops"] == after["macs"] * 1024
 
 
+def test_fit_leaves_the_module_on_the_device_it_trained_on(monkeypatch) -> None:
+    """Lightning's teardown moves the module to the CPU when ``fit`` ends; ``pipeline.fit`` puts
+    it back on the trainer's root device. Stub trainer: its root device is ``meta`` (a stand-in
+    for the GPU, which this machine lacks) and its ``fit`` leaves the module on the CPU, where
+    Lightning's teardown would have put it."""
+    from types import SimpleNamespace
+
+    from chaincomp.pipeline import TrainerConfig
+
+    cfg = compose_cfg("data=digits", "model=small_cnn", *QUIET)
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+
+    def stub_fit(mod, datamodule=None):  # type: ignore[no-untyped-def]
+        assert next(mod.parameters()).device.type == "cpu"
+
+    stub = SimpleNamespace(fit=stub_fit, strategy=SimpleNamespace(root_device=torch.device("meta")))
+    monkeypatch.setattr(TrainerConfig, "make", lambda self, *a, **k: stub)
+    fit(module, dm, trainer_config(cfg), max_epochs=1)
+    assert {p.device.type for p in module.parameters()} == {"meta"}
+
+
 def test_stage_loss_terms_are_added() -> None:
     cfg = compose_cfg("data=digits", "model=small_cnn", *QUIET)
     dm = build_data(cfg)

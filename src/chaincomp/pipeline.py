@@ -164,7 +164,12 @@ def fit(
     callbacks: Sequence[pl.Callback] = (),
     max_epochs: int | None = None,
 ) -> float:
-    """Train ``module`` with one ``Trainer.fit``; returns the wall time in seconds."""
+    """Train ``module`` with one ``Trainer.fit``; returns the wall time in seconds.
+
+    The module ends on the device it trained on: Lightning moves it back to the CPU when ``fit``
+    ends, and whatever runs next (evaluation, cost counting, the next stage) belongs on the
+    accelerator (on a GPU, evaluating the ResNet-34 baseline on the CPU took 33 s of a 234 s chain).
+    """
     epochs = tcfg.max_epochs if max_epochs is None else max_epochs
     if epochs == 0:
         return 0.0
@@ -179,6 +184,7 @@ def fit(
         trainer.fit(module, datamodule=dm)
     finally:
         onednn.enabled = before
+    module.to(trainer.strategy.root_device)
     return time.perf_counter() - start
 
 
