@@ -137,3 +137,97 @@ def test_the_output_keeps_the_input_strides_of_a_one_channel_channels_last_batch
     y = fake_quant(x, torch.tensor(0.1), -128, 127)
     assert y.stride() == x.stride() == (36, 1, 6, 1)
     assert torch.equal(y, fake_quant_composed(x, torch.tensor(0.1), -128, 127))
+
+
+# --- the compiled quantizer (the CUDA default; forced here on the CPU) -------------------------
+
+
+def _act_run(x: torch.Tensor, kernel: str, monkeypatch, signed: bool = False):  # type: ignore[no-untyped-def]
+    """Output, input gradient and LSQ step gradient of a calibrated, training ActQuantizer."""
+    monkeypatch.setenv(quant.KERNEL_ENV, kernel)
+    q = ActQuantizer(4, learn_scale=True)
+    q.observed_max.fill_(2.5)
+    q.observed_min.fill_(-1.0 if signed else 0.0)
+    q.finish_calibration()
+    xi = x.detach().clone().requires_grad_(True)
+    y = q(xi)
+    upstream = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y.dtype)
+    (y.float() * upstream.float()).sum().backward()
+    assert xi.grad is not None and q.step.grad is not None
+    return y.detach(), xi.grad, q.step.grad
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "2d"])
+@pytest.mark.parametrize("signed", [False, True])
+def test_compiled_equals_eager_in_float32(layout: str, signed: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(8, 6, 5, 5, generator=g) * 1.5
+    x = x if signed else x.relu()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif layout == "2d":
+        x = x.flatten(1)
+    yc, gxc, gsc = _act_run(x, "compiled", monkeypatch, signed)
+    ye, gxe, gse = _act_run(x, "eager", monkeypatch, signed)
+    assert quant.KERNELS.failed is None
+    assert torch.equal(yc, ye) and yc.stride() == ye.stride() == x.stride()
+    assert torch.equal(gxc, gxe) and (gxc == 0).float().mean() > 0.02  # some clipped
+    assert torch.allclose(gsc, gse, rtol=1e-4, atol=1e-6) and gse.abs() > 0
+
+
+def test_compiled_bfloat16_rounds_once_from_the_float32_quotient(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    x = (torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(4)) * 2).relu()
+    xb = x.to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    yc, _, _ = _act_run(xb, "compiled", monkeypatch)
+    ye, _, _ = _act_run(xb, "eager", monkeypatch)
+    step = torch.tensor(2.5 / 15)
+    reference = fake_quant(xb.float(), step, 0, 15).to(torch.bfloat16)
+    assert yc.dtype == torch.bfloat16 and yc.stride() == xb.stride()
+    assert torch.equal(yc, reference)
+    # eager rounds x / step to bfloat16 before rounding to a level: a few elements differ, by
+    # one level of the same grid
+    differ = yc != ye
+    assert 0 < differ.float().mean() < 0.05
+    levels = ((yc.float() / step).round() - (ye.float() / step).round())[differ]
+    assert levels.abs().tolist() == [1.0] * int(differ.sum())
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 7)])
+def test_compiled_weight_quantizer_equals_eager(shape: tuple[int, ...], monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(6))
+    out = []
+    for kernel in ("compiled", "eager"):
+        monkeypatch.setenv(quant.KERNEL_ENV, kernel)
+        wi = w.clone().requires_grad_(True)
+        y = quant.quantize_weight(wi, 4)
+        (y * torch.arange(y.numel()).view_as(y)).sum().backward()
+        out.append((y.detach(), wi.grad))
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch, caplog) -> None:  # type: ignore[no-untyped-def]
+    def broken(fn, **kwargs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            raise RuntimeError("no Triton here")
+
+        return run
+
+    monkeypatch.setattr(quant, "KERNELS", quant._Kernels())
+    monkeypatch.setattr(torch, "compile", broken)
+    x = torch.rand(4, 3, 5, 5) * 2
+    with caplog.at_level("WARNING", logger=quant.__name__):
+        yc, gxc, gsc = _act_run(x, "compiled", monkeypatch)
+        _act_run(x, "compiled", monkeypatch)
+    ye, gxe, gse = _act_run(x, "eager", monkeypatch)
+    assert quant.KERNELS.failed is not None and "no Triton here" in quant.KERNELS.failed
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert torch.equal(yc, ye) and torch.equal(gxc, gxe)
+    assert torch.allclose(gsc, gse, rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_kernel_names_the_variable_and_the_choices(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from chaincomp.errors import ConfigError
+
+    monkeypatch.setenv(quant.KERNEL_ENV, "triton")
+    with pytest.raises(ConfigError, match="CHAINCOMP_QUANT_KERNEL.*auto.*eager.*compiled"):
+        quant.quant_kernel(torch.zeros(1))
