@@ -291,9 +291,7 @@ def run(
         "steps": steps,
         "quantize": qs,
         "quant_kernel": (
-            "eager (compile failed)"
-            if quant.KERNELS.failed
-            else quant.quant_kernel(torch.empty(0, device=device))
+            "eager (compile failed)" if quant.KERNELS.failed else quant.quant_kernel()
         ),
         "exit_points": points,
         "exit_head": es.head,

@@ -136,18 +136,20 @@ def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     return _FakeQuant.apply(x, step, qmin, qmax)  # type: ignore[no-any-return]
 
 
-# --- compiled kernels (CUDA) -------------------------------------------------------------------
-# On a GPU the eager quantizer is launch-bound: each activation quantizer costs about 25 kernels a
-# step (the step's |.|, clamp and LSQ gradient scaling as autograd ops, then div, clamp, eq,
-# round, mul forward and a multiply and two dot products backward), which made QAT 2.6-3.3x
-# slower than float training on an H200. The compiled kernels below do the same arithmetic as
-# one generated kernel forward and one or two backward (TorchInductor -> Triton), with
-# intermediates in float32 whatever the activation's dtype: in float32 the values are the eager
-# ones; a bfloat16 activation is quantized from its float32 quotient ``x / step`` and rounded to
-# bfloat16 once, at the end (eager rounds the quotient to bfloat16 first, which moves about 1 %
-# of the elements to the neighbouring level of the same grid).
+# --- compiled kernels (opt-in) ----------------------------------------------------------------
+# ``CHAINCOMP_QUANT_KERNEL=compiled`` runs the activation and weight quantizers as compiled
+# functions (torch.compile -> one generated kernel forward, one or two backward, in place of the
+# eager form's dozen-plus small ops and autograd nodes), with intermediates in float32 whatever
+# the activation's dtype: in float32 the values are the eager ones; a bfloat16 activation is
+# quantized from its float32 quotient ``x / step`` and rounded to bfloat16 once, at the end
+# (eager rounds the quotient to bfloat16 first; 0.6-5 % of the elements land on the neighbouring
+# level of the same grid). Measured on an H200 (bf16-mixed, CIFAR-10), it was SLOWER than eager:
+# QAT overhead 3.31x against 2.64x for ResNet-18 at batch 512, 4.15x against 3.34x for ResNet-34
+# at batch 256, and the headline's Q step 40.5 s against 28.1 s (compilation included). Each call
+# of a compiled function costs more on the host than the few kernels it saves on a launch-bound
+# GPU. So eager is the default everywhere.
 
-QUANT_KERNELS = ("auto", "eager", "compiled")
+QUANT_KERNELS = ("eager", "compiled")
 KERNEL_ENV = "CHAINCOMP_QUANT_KERNEL"
 
 
@@ -248,15 +250,13 @@ class _Kernels:
 KERNELS = _Kernels()
 
 
-def quant_kernel(x: Tensor) -> str:
-    """``compiled`` or ``eager``: which fake quantizer runs on ``x``. ``$CHAINCOMP_QUANT_KERNEL``:
-    ``auto`` (default; compiled on CUDA, eager elsewhere), ``eager`` or ``compiled``."""
-    choice = os.environ.get(KERNEL_ENV, "auto")
+def quant_kernel() -> str:
+    """Which fake quantizer runs: ``$CHAINCOMP_QUANT_KERNEL``, ``eager`` (default) or
+    ``compiled``."""
+    choice = os.environ.get(KERNEL_ENV, "eager")
     if choice not in QUANT_KERNELS:
         raise ConfigError(KERNEL_ENV, f"unknown quantization kernel {choice!r}", QUANT_KERNELS)
-    if choice == "eager":
-        return "eager"
-    return "compiled" if choice == "compiled" or x.is_cuda else "eager"
+    return choice
 
 
 class _ActFakeQuantCompiled(torch.autograd.Function):
@@ -316,7 +316,7 @@ def quantize_weight(w: Tensor, bits: int) -> Tensor:
         alpha = flat.abs().mean(dim=1).reshape(shape)
         return _ReplaceSTE.apply(w, torch.where(w >= 0, alpha, -alpha).detach())  # type: ignore[no-any-return]
     q = weight_levels(bits)
-    if quant_kernel(w) == "compiled":
+    if quant_kernel() == "compiled":
         return _WeightFakeQuantCompiled.apply(w, q)  # type: ignore[no-any-return]
     step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
     return fake_quant(w, step, -q, q)
@@ -375,7 +375,7 @@ class ActQuantizer(nn.Module):
         qmin, qmax = self.qrange
         step: Tensor = self.step
         lsq = step.requires_grad and self.training
-        if quant_kernel(x) == "compiled":
+        if quant_kernel() == "compiled":
             return _ActFakeQuantCompiled.apply(x, step, qmin, qmax, lsq)  # type: ignore[no-any-return]
         if lsq:
             step = grad_scale(step, 1.0 / math.sqrt(x[0].numel() * qmax))
