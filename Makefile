@@ -78,7 +78,9 @@ reports: setup
 	$(BIN)/chaincomp report experiment=orders_fashion tracking.uri=$(ORDERS_STORE)/fashion/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=orders_rotation tracking.uri=$(ORDERS_STORE)/rotation/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=headline_cifar10 \
-		tracking.uri=sqlite:///experiments/headline/results/cifar10/runs-h200.sqlite
+		"report.summaries=[experiments/headline/results/cifar10/summary.json]"
+	$(BIN)/chaincomp report experiment=headline_cifar10 report.label=cifar10-v1 \
+		tracking.uri=sqlite:///experiments/headline/results/cifar10-v1/runs-h200.sqlite
 
 strip-notebooks: setup
 	$(BIN)/python notebooks/strip.py notebooks/*.ipynb

@@ -561,6 +561,43 @@ def test_the_report_reads_each_chains_summary_json(tiny_study: tuple[Path, str])
             assert [getattr(a, k) for k in METRIC_KEYS] == [getattr(b, k) for k in METRIC_KEYS]
 
 
+def test_a_report_from_summary_files_equals_the_one_from_mlflow(
+    tiny_study: tuple[Path, str],
+) -> None:
+    """``report.summaries``: the chains' own summary.json files (a run with tracking off) give
+    the same tables as the MLflow store; only the head paragraph names the other origin."""
+    tmp, uri = tiny_study
+    files = sorted((tmp / "out" / "trials").glob("*/summary.json"))
+    assert len(files) == 6
+    studies = "report.studies=[pairwise,precedence,insertion,all_orders]"
+    base = (*TINY, "report.label=digits", studies)
+    via_mlflow = rp.report(compose_cfg(*base, f"tracking.uri={uri}", f"report.out_dir={tmp / 'm'}"))
+    listed = ",".join(str(f) for f in files)
+    via_files = rp.report(
+        compose_cfg(
+            *base,
+            "tracking.uri=sqlite:///nowhere/at/all.db",  # never opened
+            f"report.summaries=[{listed}]",
+            f"report.out_dir={tmp / 'f'}",
+        )
+    )
+    assert set(via_files) == set(via_mlflow)
+    for study, folder in via_mlflow.items():
+        names = sorted(p.name for p in folder.iterdir())
+        assert names == sorted(p.name for p in via_files[study].iterdir())
+        for name in names:
+            a, b = folder / name, via_files[study] / name
+            if name.endswith(".csv"):  # the same rows (chains listed in another order)
+                assert sorted(a.read_text().splitlines()) == sorted(b.read_text().splitlines())
+            elif name.endswith(".md"):
+                head_a, rest_a = a.read_text().split("\n", 1)
+                head_b, rest_b = b.read_text().split("\n", 1)
+                assert rest_a == rest_b and "from MLflow" in head_a
+                assert f"from files {files[0]}" in head_b
+    with pytest.raises(ConfigError, match=r"report\.summaries.*no such file"):
+        rp.report(compose_cfg(*base, f"report.summaries=[{tmp / 'none.json'}]"))
+
+
 def test_report_of_an_unknown_source_names_the_key(tiny_study: tuple[Path, str]) -> None:
     tmp, uri = tiny_study
     cfg = compose_cfg(

@@ -127,13 +127,24 @@ __all__ = [
 
 
 def report(cfg: Any) -> dict[str, Path]:
-    """``chaincomp report``: read ``report.source`` from ``tracking.*`` and write the files."""
+    """``chaincomp report``: read ``report.source`` from ``tracking.*`` (or the chains of
+    ``report.summaries``) and write the files."""
     from omegaconf import OmegaConf
 
+    from chaincomp.chain.result import ChainResult
+    from chaincomp.errors import ConfigError
     from chaincomp.tracking.mlflow_tracker import Tracker, TrackingConfig
 
     section = OmegaConf.to_container(cfg.report, resolve=True) if "report" in cfg else {}
     rcfg = ReportConfig.from_dict(section)  # type: ignore[arg-type]
+    if rcfg.summaries:
+        missing = [p for p in rcfg.summaries if not Path(p).is_file()]
+        if missing:
+            raise ConfigError(
+                "report.summaries", f"no such file: {', '.join(missing)}", "summary.json paths"
+            )
+        chains = [Chain(ChainResult.load(p)) for p in rcfg.summaries]
+        return write_report(rcfg, chains, store="files " + ", ".join(rcfg.summaries))
     tsec: Any = OmegaConf.to_container(cfg.tracking, resolve=True)
     tcfg = TrackingConfig(**{**tsec, "enabled": True})
     tracker = Tracker(tcfg)

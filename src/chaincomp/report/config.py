@@ -23,13 +23,16 @@ REFERENCES = (
 class ReportConfig:
     """``studies``: which tables to write (any of :data:`STUDIES`); ``label``: the results
     subfolder; ``source``: the sweep's study name or a run's name; ``out_dir``: the experiments
-    folder; ``tie_tol``: metric differences up to this count as ties (>= 0)."""
+    folder; ``tie_tol``: metric differences up to this count as ties (>= 0); ``summaries``:
+    ``summary.json`` files to read instead of MLflow (chains run with tracking off), empty =
+    read ``source`` from MLflow."""
 
     studies: tuple[str, ...] = ("all_orders",)
     label: str = "default"
     source: str = ""
     out_dir: str = "experiments"
     tie_tol: float = 0.0
+    summaries: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         bad = [s for s in self.studies if s not in STUDIES]
@@ -49,6 +52,9 @@ class ReportConfig:
         if "studies" in values:
             studies = values["studies"]
             values["studies"] = (studies,) if isinstance(studies, str) else tuple(studies)
+        if "summaries" in values:
+            paths = values["summaries"] or ()
+            values["summaries"] = (paths,) if isinstance(paths, str) else tuple(map(str, paths))
         for key in ("label", "source", "out_dir"):
             if key in values and values[key] is not None:
                 values[key] = str(values[key])
