@@ -72,8 +72,8 @@ class Context:
 
 def context(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -> Context:
     """The shared inputs of the studies from every chain read (several of one order folded
-    into its best by validation); ``store`` (the tracking URI, credentials masked) is named in
-    the head paragraph. Raises ConfigError when there is no chain."""
+    into its best by validation); ``store`` (the tracking URI, credentials masked, or
+    ``files <paths>`` for chains read from summary files) is named in the head paragraph. Raises ConfigError when there is no chain."""
     if not chains:
         raise ConfigError("report.source", "no chains", "a study with finished chains")
     hib = chains[0].higher_is_better
