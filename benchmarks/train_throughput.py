@@ -34,7 +34,6 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.data.loader import Augment
-from chaincomp.layers import quant
 from chaincomp.layers.exits import attach_exits, backbone_of
 from chaincomp.pipeline import build_data, build_module, trainer_config
 from chaincomp.stages.base import StageSettings
@@ -290,9 +289,6 @@ def run(
         "epochs": epochs,
         "steps": steps,
         "quantize": qs,
-        "quant_kernel": (
-            "eager (compile failed)" if quant.KERNELS.failed else quant.quant_kernel()
-        ),
         "exit_points": points,
         "exit_head": es.head,
         "exit_head_width": es.head_width,
@@ -328,8 +324,7 @@ def report(r: dict[str, Any]) -> str:
         lines += [
             f"quantize: w{q.w_bits}/a{q.a_bits}, per-channel weights, "
             f"{'LSQ' if q.learn_scale else 'fixed'} activation steps, first/last layers "
-            f"{q.first_bits}/{q.last_bits} bits, {q.calibration} calibration, "
-            f"{r['quant_kernel']} fake quantization",
+            f"{q.first_bits}/{q.last_bits} bits, {q.calibration} calibration",
             f"framework + {qat} : {ips['qat']:10.0f} images/s",
             f"QAT overhead float/QAT: {r['qat_overhead']:10.3f}",
         ]

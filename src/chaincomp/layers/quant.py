@@ -18,19 +18,13 @@ convs and linears; the counter reads ``weight_bits`` / ``act_bits``.
 
 from __future__ import annotations
 
-import logging
 import math
-import os
-from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from chaincomp.errors import ConfigError
 from chaincomp.module import CompressibleModule
-
-log = logging.getLogger(__name__)
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -136,173 +130,6 @@ def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     return _FakeQuant.apply(x, step, qmin, qmax)  # type: ignore[no-any-return]
 
 
-# --- compiled kernels (opt-in) ----------------------------------------------------------------
-# ``CHAINCOMP_QUANT_KERNEL=compiled`` runs the activation and weight quantizers as compiled
-# functions (torch.compile -> one generated kernel forward, one or two backward, in place of the
-# eager form's dozen-plus small ops and autograd nodes), with intermediates in float32 whatever
-# the activation's dtype: in float32 the values are the eager ones; a bfloat16 activation is
-# quantized from its float32 quotient ``x / step`` and rounded to bfloat16 once, at the end
-# (eager rounds the quotient to bfloat16 first; 0.6-5 % of the elements land on the neighbouring
-# level of the same grid). Measured on an H200 (bf16-mixed, CIFAR-10), it was SLOWER than eager:
-# QAT overhead 3.31x against 2.64x for ResNet-18 at batch 512, 4.15x against 3.34x for ResNet-34
-# at batch 256, and the headline's Q step 40.5 s against 28.1 s (compilation included). Each call
-# of a compiled function costs more on the host than the few kernels it saves on a launch-bound
-# GPU. So eager is the default everywhere.
-
-QUANT_KERNELS = ("eager", "compiled")
-KERNEL_ENV = "CHAINCOMP_QUANT_KERNEL"
-
-
-# The compiled functions see flat tensors (``_flat``, a view of the memory in its own layout):
-# one compiled variant serves every layout and shape of a dtype, so a net compiles a handful.
-
-
-def _act_forward(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
-    s = step.float().abs().clamp_min(1e-8)
-    return (torch.round(torch.clamp(x.float() / s, qmin, qmax)) * s).to(x.dtype)
-
-
-def _act_backward(
-    grad: Tensor, x: Tensor, step: Tensor, qmin: int, qmax: int, per_sample: int, lsq: bool
-) -> tuple[Tensor, Tensor | None]:
-    s = step.float().abs().clamp_min(1e-8)
-    t = x.float() / s
-    c = torch.clamp(t, qmin, qmax)
-    inside = c == t
-    grad_x = torch.where(inside, grad, torch.zeros_like(grad))
-    if not lsq:
-        return grad_x, None
-    # d(round(clamp(t)) * s)/ds = round(clamp(t)) - t inside the range; then through
-    # s = max(|step|, 1e-8) and LSQ's gradient scale 1 / sqrt(numel(x[0]) * qmax)
-    r = torch.round(c) - torch.where(inside, t, torch.zeros_like(t))
-    total = (grad.float() * r).sum()
-    grad_step = total * (per_sample * qmax) ** -0.5 * torch.sign(step) * (step.abs() >= 1e-8)
-    return grad_x, grad_step.to(step.dtype)
-
-
-def _weight_forward(w: Tensor, q: int) -> Tensor:
-    """``w``: (out channels, rest)."""
-    s = (w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)) / q
-    return torch.round(torch.clamp(w / s, -q, q)) * s
-
-
-def _weight_backward(grad: Tensor, w: Tensor, q: int) -> Tensor:
-    s = (w.abs().amax(dim=1, keepdim=True).clamp_min(1e-8)) / q
-    t = w / s
-    return torch.where(torch.clamp(t, -q, q) == t, grad, torch.zeros_like(grad))
-
-
-def _channels_last(x: Tensor) -> bool:
-    return (
-        x.dim() == 4
-        and not x.is_contiguous()
-        and x.is_contiguous(memory_format=torch.channels_last)
-    )
-
-
-def _flat(x: Tensor, channels_last: bool) -> Tensor:
-    """``x`` as 1-D in row-major (NCHW) or channels_last (NHWC) element order: a view when ``x``
-    is in that layout, else a copy."""
-    return x.permute(0, 2, 3, 1).reshape(-1) if channels_last else x.reshape(-1)
-
-
-def _unflat(f: Tensor, like: tuple[torch.Size, tuple[int, ...] | None]) -> Tensor:
-    """Inverse of :func:`_flat` for a tensor of shape and strides ``like`` (strides None: a
-    layout other than contiguous or channels_last, given back contiguous): a view."""
-    shape, stride = like
-    return f.as_strided(shape, stride) if stride is not None else f.view(shape)
-
-
-def _layout(x: Tensor) -> tuple[bool, tuple[torch.Size, tuple[int, ...] | None]]:
-    cl = _channels_last(x)
-    return cl, (x.shape, x.stride() if cl or x.is_contiguous() else None)
-
-
-class _Kernels:
-    """The four functions, compiled on first use (``torch.compile``, dynamic shapes).
-    ``call(fn, ...)`` runs the compiled ``fn``; if compiling or running it fails (no Triton, no C
-    compiler), a warning says so once and ``fn`` itself runs, uncompiled, from then on."""
-
-    def __init__(self) -> None:
-        self._compiled: dict[Callable[..., Any], Callable[..., Any]] = {}
-        self.failed: str | None = None
-
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.failed is None:
-            if fn not in self._compiled:
-                # one compiled variant per dtype, layout, rank and signedness: more than
-                # dynamo's default limit of 8 in a net with exit heads
-                cfg: Any = torch._dynamo.config
-                for limit in ("recompile_limit", "cache_size_limit"):  # newer / older torch
-                    if hasattr(cfg, limit):
-                        setattr(cfg, limit, max(int(getattr(cfg, limit)), 64))
-                self._compiled[fn] = torch.compile(fn, dynamic=True)
-            try:
-                return self._compiled[fn](*args)
-            except Exception as exc:
-                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-                log.warning(
-                    "compiled fake quantization failed (%s); running it eagerly", self.failed
-                )
-        return fn(*args)
-
-
-KERNELS = _Kernels()
-
-
-def quant_kernel() -> str:
-    """Which fake quantizer runs: ``$CHAINCOMP_QUANT_KERNEL``, ``eager`` (default) or
-    ``compiled``."""
-    choice = os.environ.get(KERNEL_ENV, "eager")
-    if choice not in QUANT_KERNELS:
-        raise ConfigError(KERNEL_ENV, f"unknown quantization kernel {choice!r}", QUANT_KERNELS)
-    return choice
-
-
-class _ActFakeQuantCompiled(torch.autograd.Function):
-    """The activation quantizer of :meth:`ActQuantizer.forward` in one node: ``step`` is the
-    raw parameter (|.|, the 1e-8 floor and, with ``lsq``, LSQ's gradient scale are applied
-    inside); without ``lsq`` no step gradient is computed. The output has ``x``'s strides."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int, lsq: bool) -> Tensor:
-        cl, like = _layout(x)
-        flat = _flat(x, cl)
-        ctx.save_for_backward(flat, step)
-        ctx.args, ctx.layout = (qmin, qmax, x[0].numel(), lsq), (cl, like)
-        return _unflat(KERNELS.call(_act_forward, flat, step, qmin, qmax), like)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
-        flat, step = ctx.saved_tensors
-        cl, like = ctx.layout
-        gx, gs = KERNELS.call(_act_backward, _flat(grad, cl), flat, step, *ctx.args)
-        return (
-            _unflat(gx, like) if ctx.needs_input_grad[0] else None,
-            gs if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-        )
-
-
-class _WeightFakeQuantCompiled(torch.autograd.Function):
-    """:func:`quantize_weight` for ``bits >= 2`` in one node (per-channel step from max|w_c|)."""
-
-    @staticmethod
-    def forward(ctx: Any, w: Tensor, q: int) -> Tensor:
-        w2 = w.reshape(w.shape[0], -1)
-        ctx.save_for_backward(w2)
-        ctx.q, ctx.shape = q, w.shape
-        return KERNELS.call(_weight_forward, w2, q).view(w.shape)  # type: ignore[no-any-return]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        (w2,) = ctx.saved_tensors
-        g = grad.reshape(w2.shape)
-        return KERNELS.call(_weight_backward, g, w2, ctx.q).view(ctx.shape), None
-
-
 def weight_levels(bits: int) -> int:
     """Largest integer magnitude of a symmetric ``bits``-bit weight grid (1 bit: binary)."""
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
@@ -316,8 +143,6 @@ def quantize_weight(w: Tensor, bits: int) -> Tensor:
         alpha = flat.abs().mean(dim=1).reshape(shape)
         return _ReplaceSTE.apply(w, torch.where(w >= 0, alpha, -alpha).detach())  # type: ignore[no-any-return]
     q = weight_levels(bits)
-    if quant_kernel() == "compiled":
-        return _WeightFakeQuantCompiled.apply(w, q)  # type: ignore[no-any-return]
     step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
     return fake_quant(w, step, -q, q)
 
@@ -374,10 +199,7 @@ class ActQuantizer(nn.Module):
             return x
         qmin, qmax = self.qrange
         step: Tensor = self.step
-        lsq = step.requires_grad and self.training
-        if quant_kernel() == "compiled":
-            return _ActFakeQuantCompiled.apply(x, step, qmin, qmax, lsq)  # type: ignore[no-any-return]
-        if lsq:
+        if step.requires_grad and self.training:
             step = grad_scale(step, 1.0 / math.sqrt(x[0].numel() * qmax))
         return fake_quant(x, step.abs().clamp_min(1e-8), qmin, qmax)
 
