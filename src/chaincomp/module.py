@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from chaincomp.layers.onednn import Guard, guard_strided_1x1
 from chaincomp.optim import OptimConfig
 from chaincomp.tasks import Task
 
@@ -33,6 +34,9 @@ class CompressibleModule(pl.LightningModule):
       whatever the first convolution picks from its input: a one-channel image batch is
       ambiguous, and a fake-quantized input drops the net into the slower NCHW path on the CPU.)
       Mixed precision is the Trainer's setting.
+    - During a fit, the CPU's small strided 1x1 convolutions compute in NCHW
+      (:func:`chaincomp.layers.onednn.guard_strided_1x1`: oneDNN corrupts their weight gradients
+      in channels_last).
     """
 
     def __init__(self, net: nn.Module, task: Task, optim: OptimConfig, channels_last: bool = True):
@@ -42,6 +46,7 @@ class CompressibleModule(pl.LightningModule):
         self.optim_cfg = optim
         self.channels_last = channels_last
         self.loss_terms: dict[str, LossTerm] = {}
+        self._guard: Guard | None = None
         self.task_weight = 1.0
         self.val_metric = task.make_metric()
         self.test_metric = task.make_metric()
@@ -56,6 +61,17 @@ class CompressibleModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        self._remove_guard()
+        self._guard = guard_strided_1x1(self.net)
+
+    def on_fit_end(self) -> None:
+        self._remove_guard()
+
+    def _remove_guard(self) -> None:
+        guard = getattr(self, "_guard", None)
+        if guard is not None:
+            guard.remove()
+        self._guard = None
 
     def _logs_step(self, batch_idx: int) -> bool:
         """Whether this training step logs its losses: every ``trainer.log_every_n_steps``-th

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from chaincomp.cost import count_cost
 from chaincomp.errors import ConfigError
+from chaincomp.layers.onednn import guarded
 from chaincomp.module import CompressibleModule
 from chaincomp.stages.base import (
     FineTuneSettings,
@@ -164,14 +165,15 @@ def _taylor_grads(module: CompressibleModule, dm: Any, batches: int) -> None:
         if k.endswith(("running_mean", "running_var", "num_batches_tracked"))
     }
     module.train()
-    for i, (x, target) in enumerate(dm.loader("train", device, train=False)):
-        if i >= batches:
-            break
-        out = module(x)
-        loss = module.task.loss(out, target)
-        aux = getattr(module.net, "auxiliary_loss", None)
-        extra = aux(module.task, target) if aux is not None else None
-        (loss if extra is None else loss + extra).backward()
+    with guarded(module.net):  # oneDNN's small strided 1x1 weight gradients (layers/onednn.py)
+        for i, (x, target) in enumerate(dm.loader("train", device, train=False)):
+            if i >= batches:
+                break
+            out = module(x)
+            loss = module.task.loss(out, target)
+            aux = getattr(module.net, "auxiliary_loss", None)
+            extra = aux(module.task, target) if aux is not None else None
+            (loss if extra is None else loss + extra).backward()
     module.train(was)
     module.net.load_state_dict(stats, strict=False)
 
