@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # What one GPU lease runs (about 10 minutes of an H100/H200), in the repository root:
 #   1. the headline chain (experiment=headline_cifar10, tracking off), its summary and run folder;
-#   2. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
-#      and ResNet-34 (batch 256), bf16-mixed, one round each.
+#   2. VARIANTS (optional): more headline chains, each with its extra overrides, from the same
+#      prefix cache, so the steps before the first changed one are reused (P/Q/E variants cost
+#      about a minute each); pick among them on validation, not test;
+#   3. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
+#      and ResNet-34 (batch 256), bf16-mixed, one round each (BENCH=0 skips it).
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
-# headline_run.tgz, bench.log. Each phase has its own time limit, so a slow phase cannot take the
-# next one's results with it.
+# headline_run.tgz, variant-<i>.log / .json, bench.log. Each phase has its own time limit, so a
+# slow phase cannot take the next one's results with it.
+#
+#   VARIANTS='chain.steps.P.settings.kd_alpha=0 chain.steps.Q.settings.kd_alpha=0;chain.steps.P.settings.ratio=0.2'
+#   (variants separated by ";", overrides within one by spaces; VARIANT_LIMIT: seconds for each)
 #
 #   OUT=/tmp/out benchmarks/gpu_session.sh
 #
@@ -39,6 +45,20 @@ echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
 cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
 tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
 
+IFS=';' read -r -a variants <<<"${VARIANTS:-}"
+i=0
+for variant in "${variants[@]}"; do
+  i=$((i + 1))
+  rm -rf "$run_dir"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${VARIANT_LIMIT:-150}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+    hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
+  echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
+  cp "$run_dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null
+done
+
+[ "${BENCH:-1}" = 0 ] && exit 0
 for spec in "resnet18 512" "resnet34 256 --no-exits"; do
   set -- $spec
   start=$(date +%s)

@@ -69,6 +69,9 @@ def test_only_small_strided_1x1_convolutions_are_guarded() -> None:
     assert guard.layers == ["2", "4"]
     out = net(x)  # an NCHW input passes untouched
     assert torch.equal(out, expected) and out.is_contiguous()
+    guard.remove()
+    with torch.backends.mkldnn.flags(enabled=False):  # trainer.cpu_onednn=false
+        assert guard_strided_1x1(net, block=8).layers == []
 
 
 def test_cpu_training_with_a_narrow_strided_shortcut_is_reproducible() -> None:

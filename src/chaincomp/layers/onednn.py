@@ -84,10 +84,14 @@ class Guard:
 
 
 def guard_strided_1x1(net: nn.Module, block: int | None = None) -> Guard:
-    """Make every affected convolution of ``net`` (:func:`is_affected`) compute in NCHW; the
+    """Make every affected convolution of ``net`` (:func:`is_affected`) compute in NCHW (none
+    while oneDNN is off: ``torch.backends.mkldnn.enabled`` false, as ``trainer.cpu_onednn=false``
+    sets it inside a fit, so such runs keep their kernels and results); the
     returned :class:`Guard` names them and removes the hooks. Remove a guard before guarding the
     same net again (hooks stacked twice would leave the output in NCHW; values stay right)."""
     guard = Guard()
+    if not torch.backends.mkldnn.enabled:  # trainer.cpu_onednn=false: PyTorch's own kernels
+        return guard
     for name, m in net.named_modules():
         if is_affected(m, block):
             assert isinstance(m, nn.Conv2d)
