@@ -5,7 +5,8 @@
 #      prefix cache, so the steps before the first changed one are reused (P/Q/E variants cost
 #      about a minute each); pick among them on validation, not test;
 #   3. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
-#      and ResNet-34 (batch 256), bf16-mixed, one round each (BENCH=0 skips it).
+#      and ResNet-34 (batch 256), bf16-mixed, one round each, QAT with the eager quantizer and
+#      with the Triton kernels (--triton; BENCH=0 skips the benchmark).
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
 # headline_run.tgz, variant-<i>.log / .json, bench.log. Each phase has its own time limit, so a
 # slow phase cannot take the next one's results with it.
@@ -63,7 +64,7 @@ for spec in "resnet18 512" "resnet34 256 --no-exits"; do
   set -- $spec
   start=$(date +%s)
   # shellcheck disable=SC2086
-  timeout "${BENCH_LIMIT:-150}" $PY benchmarks/train_throughput.py data=cifar10 model=$1 \
-    data.batch_size=$2 --epochs 3 --rounds 1 ${3:-} ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
+  timeout "${BENCH_LIMIT:-200}" $PY benchmarks/train_throughput.py data=cifar10 model=$1 \
+    data.batch_size=$2 --epochs 3 --rounds 1 --triton ${3:-} ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
   echo "bench $1: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
 done

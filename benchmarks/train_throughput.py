@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from omegaconf import DictConfig, OmegaConf
 from chaincomp.data.loader import Augment
 from chaincomp.layers.exits import attach_exits, backbone_of
 from chaincomp.layers.onednn import guard_strided_1x1
+from chaincomp.layers.quant import KERNEL_ENV
 from chaincomp.pipeline import build_data, build_module, trainer_config
 from chaincomp.stages.base import StageSettings
 from chaincomp.stages.early_exit import EarlyExitSettings
@@ -175,6 +177,7 @@ def run(
     exits: bool = True,
     exit_train: str = "joint",
     rounds: int = 1,
+    triton: bool = False,
 ) -> dict[str, Any]:
     """Train every path once and return the numbers.
 
@@ -185,7 +188,9 @@ def run(
     ``device``), ``images_per_s`` (path -> images/s), ``ratio``, ``qat_overhead``,
     ``exits_qat_overhead``, ``samples`` (path -> images/s of each of the ``rounds`` rounds, every
     path trained once per round, in turn; ``images_per_s`` is their median), the settings used, and ``modules`` / ``exit_heads_before`` (the
-    trained modules with exit heads and their heads' state before training).
+    trained modules with exit heads and their heads' state before training). ``triton``: the
+    QAT path again with ``CHAINCOMP_QUANT_KERNEL=triton`` (``qat_triton``, and
+    ``qat_triton_overhead`` float/QAT against the same framework path).
     """
     if epochs < 2:
         raise ValueError("epochs must be >= 2 (the first one is warm-up)")
@@ -200,6 +205,8 @@ def run(
     if cuda and tcfg.devices != 1:
         raise ValueError("the benchmark runs on one device: trainer.devices=1")
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    if triton and not cuda:
+        raise ValueError("--triton measures the Triton kernels, which run on CUDA only")
     if steps is None:
         steps = None if cuda else CPU_STEPS
     elif steps == 0:
@@ -258,6 +265,18 @@ def run(
             module = copy.deepcopy(initial).to(device)
             quantize_module(module, dm, qs)
             framework("qat", module)
+        if qat and triton:
+            module = copy.deepcopy(initial).to(device)
+            quantize_module(module, dm, qs)
+            before = os.environ.get(KERNEL_ENV)
+            os.environ[KERNEL_ENV] = "triton"
+            try:
+                framework("qat_triton", module)
+            finally:
+                if before is None:
+                    os.environ.pop(KERNEL_ENV, None)
+                else:
+                    os.environ[KERNEL_ENV] = before
 
         for path in (("exits", "exits_qat") if qat else ("exits",)) if exits else ():
             module = copy.deepcopy(initial).to(device)
@@ -304,6 +323,9 @@ def run(
         "ratio": ips["framework"] / ips["plain"],
         "qat_overhead": ips["framework"] / ips["qat"] if "qat" in ips else math.nan,
         "exits_qat_overhead": ips["exits"] / ips["exits_qat"] if "exits_qat" in ips else math.nan,
+        "qat_triton_overhead": (
+            ips["framework"] / ips["qat_triton"] if "qat_triton" in ips else math.nan
+        ),
         "modules": modules,
         "exit_heads_before": heads_before,
     }
@@ -331,6 +353,11 @@ def report(r: dict[str, Any]) -> str:
             f"{q.first_bits}/{q.last_bits} bits, {q.calibration} calibration",
             f"framework + {qat} : {ips['qat']:10.0f} images/s",
             f"QAT overhead float/QAT: {r['qat_overhead']:10.3f}",
+        ]
+    if "qat_triton" in ips:
+        lines += [
+            f"{qat}, Triton kernels: {ips['qat_triton']:10.0f} images/s",
+            f"QAT overhead (Triton) : {r['qat_triton_overhead']:10.3f}",
         ]
     if "exits" in ips:
         lines += [
@@ -373,6 +400,11 @@ def main() -> None:
     parser.add_argument("--no-qat", action="store_true", help="skip the QAT measurements")
     parser.add_argument("--no-exits", action="store_true", help="skip the early-exit measurements")
     parser.add_argument(
+        "--triton",
+        action="store_true",
+        help="also QAT with CHAINCOMP_QUANT_KERNEL=triton (fused Triton kernels; CUDA)",
+    )
+    parser.add_argument(
         "--exit-train",
         choices=EXIT_TRAIN,
         default="joint",
@@ -389,6 +421,7 @@ def main() -> None:
         exits=not args.no_exits,
         exit_train=args.exit_train,
         rounds=args.rounds,
+        triton=args.triton,
     )
     print(report(r))
 

@@ -6,6 +6,9 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+# Triton (where installed) runs kernels on the CPU in tests: it reads this when first imported
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig

@@ -18,12 +18,17 @@ convs and linears; the counter reads ``weight_bits`` / ``act_bits``.
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+import warnings
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from chaincomp.errors import ConfigError
+from chaincomp.layers import fq_triton
 from chaincomp.module import CompressibleModule
 
 
@@ -121,12 +126,46 @@ class _FakeQuant(torch.autograd.Function):
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None
 
 
+KERNEL_ENV = "CHAINCOMP_QUANT_KERNEL"
+QUANT_KERNELS = ("eager", "triton")
+
+
+def quant_kernel() -> str:
+    """Which fake quantizer runs: ``$CHAINCOMP_QUANT_KERNEL``, ``eager`` (default) or ``triton``
+    (:mod:`chaincomp.layers.fq_triton`: two fused kernels on CUDA; opt-in until a GPU measures
+    it faster). Any other value is a :class:`ConfigError` naming the variable."""
+    choice = os.environ.get(KERNEL_ENV, "eager")
+    if choice not in QUANT_KERNELS:
+        raise ConfigError(KERNEL_ENV, f"unknown quantization kernel {choice!r}", QUANT_KERNELS)
+    return choice
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_eager(reason: str) -> None:
+    warnings.warn(f"{KERNEL_ENV}=triton: {reason}; using the eager quantizer", stacklevel=3)
+
+
+def _use_triton(x: Tensor, step: Tensor) -> bool:
+    if quant_kernel() != "triton":
+        return False
+    if not fq_triton.available():
+        _warn_eager("Triton is not installed")
+        return False
+    if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False  # CPU tensors: the eager form (Triton's interpreter is for tests)
+    return fq_triton.supports(x, step)
+
+
 def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     """``clamp(round(x / step), qmin, qmax) * step`` with a straight-through round: the gradient
     to ``x`` is the identity inside the clipping range and 0 outside; the gradient to ``step``
     (when it requires one) is LSQ's. ``step`` broadcasts against ``x`` (a scalar per tensor, or
     a column per channel). One fused autograd node (:class:`_FakeQuant`); the values and
-    gradients equal those of :func:`fake_quant_composed`."""
+    gradients equal those of :func:`fake_quant_composed`. With ``CHAINCOMP_QUANT_KERNEL=triton``
+    on CUDA, the two Triton kernels of :mod:`chaincomp.layers.fq_triton` instead (the same
+    values; the step gradient within rounding)."""
+    if _use_triton(x, step):
+        return fq_triton.fake_quant_triton(x, step, qmin, qmax)
     return _FakeQuant.apply(x, step, qmin, qmax)  # type: ignore[no-any-return]
 
 
