@@ -159,6 +159,41 @@ def _settings(cfg: DictConfig, step: str, cls: type[StageSettings]) -> Any:
     return cls.from_dict(values, f"chain.steps.{step}.settings")
 
 
+def _triton_check(device: torch.device) -> dict[str, Any]:
+    """The Triton kernels against the eager quantizer on ``device``: a bf16 channels_last
+    activation batch (4 bits, LSQ step) and a float32 weight (per channel). Values and input
+    gradients must be identical; the step gradient is reported as a relative difference."""
+    from chaincomp.layers import fq_triton
+    from chaincomp.layers.quant import _FakeQuant
+
+    try:
+        gen = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(64, 32, 16, 16, device=device, generator=gen).relu().to(torch.bfloat16)
+        x = x.contiguous(memory_format=torch.channels_last)
+        w = torch.randn(32, 16, 3, 3, device=device, generator=gen)
+        ws = (w.reshape(32, -1).abs().amax(dim=1) / 7).reshape(-1, 1, 1, 1)
+        out: dict[str, Any] = {}
+        for name, (t, step, lo, hi) in {
+            "act": (x, torch.tensor(0.3, device=device), 0, 15),
+            "weight": (w, ws, -7, 7),
+        }.items():
+            res = []
+            for fn in (_FakeQuant.apply, fq_triton.fake_quant_triton):
+                ti = t.detach().clone().requires_grad_()
+                si = step.detach().clone().requires_grad_(name == "act")
+                y = fn(ti, si, lo, hi)
+                y.backward(torch.ones_like(y))
+                res.append((y, ti.grad, si.grad))
+            (y0, g0, s0), (y1, g1, s1) = res
+            out[f"{name}_values_equal"] = bool(torch.equal(y0, y1))
+            out[f"{name}_grads_equal"] = bool(torch.equal(g0, g1))
+            if s0 is not None and s1 is not None:
+                out["act_step_grad_rel_diff"] = f"{float((s1 - s0).abs() / s0.abs()):.2e}"
+        return out
+    except Exception as e:  # report, do not crash the benchmark
+        return {"error": f"{type(e).__name__}: {e}"[:300]}
+
+
 def _trained_on(path: str, devices: set[str], chosen: torch.device) -> str:
     """The one device ``path`` trained on; fails loudly unless it is the chosen one."""
     if devices != {str(chosen)}:
@@ -247,6 +282,7 @@ def run(
     if exits:
         backbone = backbone_of(initial.net)
         points = list(es.points) if es.points is not None else list(range(len(backbone.stages) - 1))
+    triton_check = _triton_check(device) if qat and triton else {}
     for _ in range(rounds):  # every path once per round: a slow spell hits all paths alike
         framework("framework", copy.deepcopy(initial))
         plain, plain_devices = plain_loop(
@@ -265,13 +301,15 @@ def run(
             module = copy.deepcopy(initial).to(device)
             quantize_module(module, dm, qs)
             framework("qat", module)
-        if qat and triton:
+        if qat and triton and "error" not in triton_check:
             module = copy.deepcopy(initial).to(device)
             quantize_module(module, dm, qs)
             before = os.environ.get(KERNEL_ENV)
             os.environ[KERNEL_ENV] = "triton"
             try:
                 framework("qat_triton", module)
+            except Exception as e:  # a kernel that fails to build must not cost the other lines
+                triton_check["error"] = f"{type(e).__name__}: {e}"[:300]
             finally:
                 if before is None:
                     os.environ.pop(KERNEL_ENV, None)
@@ -326,6 +364,7 @@ def run(
         "qat_triton_overhead": (
             ips["framework"] / ips["qat_triton"] if "qat_triton" in ips else math.nan
         ),
+        "triton_check": triton_check,
         "modules": modules,
         "exit_heads_before": heads_before,
     }
@@ -354,6 +393,11 @@ def report(r: dict[str, Any]) -> str:
             f"framework + {qat} : {ips['qat']:10.0f} images/s",
             f"QAT overhead float/QAT: {r['qat_overhead']:10.3f}",
         ]
+    if r["triton_check"]:
+        lines.append(
+            "Triton kernels vs eager here: "
+            + " ".join(f"{k}={v}" for k, v in r["triton_check"].items())
+        )
     if "qat_triton" in ips:
         lines += [
             f"{qat}, Triton kernels: {ips['qat_triton']:10.0f} images/s",
