@@ -6,7 +6,8 @@
 #      about a minute each); pick among them on validation, not test;
 #   3. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
 #      and ResNet-34 (batch 256), bf16-mixed, one round each, QAT with the eager quantizer and
-#      with the Triton kernels (--triton; BENCH=0 skips the benchmark).
+#      with the Triton kernels (--triton; BENCH=0 skips the benchmark, CHAIN=0 the chain: one
+#      call may run 600 s, so a session splits chain + variants and the benchmark).
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
 # headline_run.tgz, variant-<i>.log / .json, bench.log. Each phase has its own time limit, so a
 # slow phase cannot take the next one's results with it.
@@ -19,7 +20,7 @@
 # Without network on that machine: put wheels of hydra-core, omegaconf, antlr4-python3-runtime and
 # torch-pruning in .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both.
 # CHAIN_ARGS / BENCH_ARGS: extra overrides (the CPU proof of this script makes everything tiny);
-# CHAIN_LIMIT / BENCH_LIMIT: seconds allowed per phase.
+# CHAIN_LIMIT / BENCH_LIMIT: seconds allowed per phase; TRITON= (empty) drops --triton (CPU proof).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -37,14 +38,16 @@ PY=${PY:-python3}
   nproc; } >"$OUT/env.txt" 2>&1
 
 run_dir=/tmp/headline_run
-rm -rf "$run_dir"
-start=$(date +%s)
-# shellcheck disable=SC2086
-timeout "${CHAIN_LIMIT:-400}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
-  hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} >"$OUT/headline.log" 2>&1
-echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
-cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
-tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
+if [ "${CHAIN:-1}" != 0 ]; then
+  rm -rf "$run_dir"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${CHAIN_LIMIT:-400}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+    hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} >"$OUT/headline.log" 2>&1
+  echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
+  cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
+  tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
+fi
 
 IFS=';' read -r -a variants <<<"${VARIANTS:-}"
 i=0
@@ -65,6 +68,6 @@ for spec in "resnet18 512" "resnet34 256 --no-exits"; do
   start=$(date +%s)
   # shellcheck disable=SC2086
   timeout "${BENCH_LIMIT:-200}" $PY benchmarks/train_throughput.py data=cifar10 model=$1 \
-    data.batch_size=$2 --epochs 3 --rounds 1 --triton ${3:-} ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
+    data.batch_size=$2 --epochs 3 --rounds 1 ${TRITON---triton} ${3:-} ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
   echo "bench $1: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
 done
