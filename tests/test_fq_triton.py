@@ -138,3 +138,16 @@ def test_a_quantized_net_trains_the_same_with_either_kernel(
             assert torch.allclose(g1[name], g0[name], rtol=1e-2, atol=1e-7), name
         else:
             assert torch.equal(g1[name], g0[name]), name
+
+
+def test_nan_stays_nan_and_unsupported_steps_stay_eager() -> None:
+    x = torch.tensor([float("nan"), 0.4, 9.0])
+    step = torch.tensor(0.5)
+    (y0, _, _), (y1, _, _) = _both(x, step, -8, 7, torch.ones(3))
+    assert torch.equal(y1.nan_to_num(-1), y0.nan_to_num(-1))
+    assert y1.isnan()[0]
+    w = torch.randn(4, 2, 3, 3)
+    assert fq_triton.supports(w, torch.ones(4, 1, 1, 1))
+    assert not fq_triton.supports(w, torch.ones(4, 1, 1, 1, requires_grad=True))  # no step grad
+    assert not fq_triton.supports(torch.randn(4, 4), torch.ones(1, 4))  # not per dim-0 index
+    assert not fq_triton.supports(w.half(), torch.tensor(0.5))  # fp16: eager

@@ -99,3 +99,32 @@ def test_cpu_training_with_a_narrow_strided_shortcut_is_reproducible() -> None:
         assert not shortcut._forward_pre_hooks and not shortcut._forward_hooks
         states.append(module.net.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_a_fit_that_fails_leaves_no_hooks() -> None:
+    """Lightning skips ``on_fit_end`` when a fit raises; ``pipeline.fit`` still removes the
+    guard, so no hook stays on the net (or on copies made of it later)."""
+    import pytorch_lightning as pl
+
+    class Boom(pl.Callback):
+        def on_train_batch_start(self, *args) -> None:  # type: ignore[no-untyped-def]
+            raise RuntimeError("boom")
+
+    cfg = compose_cfg(
+        "data=digits",
+        "model=resnet10",
+        "model.width_mult=0.0625",
+        "trainer.max_epochs=1",
+        "trainer.limit_train_batches=2",
+        *QUIET,
+    )
+    dm = build_data(cfg)
+    module = build_module(cfg, dm)
+    shortcut = module.net.get_submodule("stages.1.0.shortcut.0")
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(module, dm, trainer_config(cfg), [Boom()])
+    assert not shortcut._forward_pre_hooks and not shortcut._forward_hooks
+    guard = guard_strided_1x1(module.net, block=8)  # and it can be guarded again
+    assert guard.layers == ["stages.1.0.shortcut.0"]
+    assert guard_strided_1x1(module.net, block=8).layers == []  # a second guard skips it
+    guard.remove()

@@ -61,13 +61,15 @@ class CompressibleModule(pl.LightningModule):
     def on_fit_start(self) -> None:
         if self.channels_last:
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-        self._remove_guard()
+        self.remove_guard()
         self._guard = guard_strided_1x1(self.net)
 
     def on_fit_end(self) -> None:
-        self._remove_guard()
+        self.remove_guard()
 
-    def _remove_guard(self) -> None:
+    def remove_guard(self) -> None:
+        """Take off the oneDNN guard a fit installed (``pipeline.fit`` calls it also when the fit
+        raised, where Lightning skips ``on_fit_end``)."""
         guard = getattr(self, "_guard", None)
         if guard is not None:
             guard.remove()

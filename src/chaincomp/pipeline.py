@@ -184,6 +184,7 @@ def fit(
         trainer.fit(module, datamodule=dm)
     finally:
         onednn.enabled = before
+        module.remove_guard()
     module.to(trainer.strategy.root_device)
     return time.perf_counter() - start
 

@@ -13,7 +13,7 @@ def _round(v, ROUND: tl.constexpr):
     if ROUND == 1:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        v = bits.to(tl.float32, bitcast=True)
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # NaN stays NaN
     return v
 
 
@@ -37,8 +37,10 @@ def _levels(
         s = tl.load(s_ptr).to(tl.float32)
     if ROUND_STEP:  # eager on CUDA reads a 0-dim step in the compute dtype
         s = _round(s, ROUND)
-    t = _round(x / s, ROUND)
-    y = tl.minimum(tl.maximum(t, qmin), qmax)
+    # correctly rounded, as eager (a plain / compiles to an approximate division on CUDA)
+    t = _round(tl.math.div_rn(x, s), ROUND)
+    nan = tl.PropagateNan.ALL  # NaN in, NaN out, as torch.clamp
+    y = tl.minimum(tl.maximum(t, qmin, propagate_nan=nan), qmax, propagate_nan=nan)
     # round half to even, as torch.round: y - floor(y) is exact in float32
     f = tl.floor(y)
     d = y - f

@@ -10,13 +10,13 @@ and, for a learned (LSQ) step, one partial sum per block.
 Numerics follow eager PyTorch, which computes in ``torch.result_type(x, step)``: with a 0-dim
 step (per-tensor activations) and a bf16 input that type is bf16, so eager rounds ``x / step``
 and ``q * step`` to bf16, and on CUDA the step itself too (a CUDA 0-dim operand is read in the
-common dtype; a CPU one in float32). The kernels compute in float32 and round at the same points,
-on each device as eager does there (fp16 stays eager). The kernels
-compute in float32 and round at the same points (``ROUND``), so the forward values are those of
-eager on the same inputs, and the input gradient too (a 0/1 mask times the gradient); the step
-gradient sums in another order (a float32 sum per block), so it agrees within rounding.
+common dtype; a CPU one in float32). The kernels compute in float32 with correctly rounded
+division and product and round at the same points as eager on that device (fp16 stays eager),
+so the forward values are eager's, and the input gradient too (a 0/1 mask times the gradient);
+the step gradient sums each element's term in float32 per block (eager's bf16 form multiplies
+in bf16 first), so it agrees within rounding. NaN inputs give NaN, as eager.
 
-Opt-in: ``CHAINCOMP_FAKE_QUANT=triton`` (see :func:`chaincomp.layers.quant.fake_quant`); the
+Opt-in: ``CHAINCOMP_QUANT_KERNEL=triton`` (see :func:`chaincomp.layers.quant.fake_quant`); the
 eager form stays the default until a GPU measurement says otherwise. Tests run these kernels on
 the CPU with Triton's interpreter (``TRITON_INTERPRET=1`` before the first call).
 """
@@ -32,8 +32,9 @@ from torch import Tensor
 BLOCK = 1024
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> bool:
-    """Whether Triton can be imported."""
+    """Whether Triton can be imported (tried once)."""
     try:
         import triton  # noqa: F401
     except ImportError:
@@ -61,13 +62,19 @@ def _dense(x: Tensor) -> bool:
 
 
 def supports(x: Tensor, step: Tensor) -> bool:
-    """Whether the kernels take this call: a dense ``x``, a per-tensor step or one step per
-    index of dim 0 (per output channel), computing in float32 or bf16 (fp16: eager)."""
-    if not _dense(x) or torch.result_type(x, step) not in (torch.float32, torch.bfloat16):
+    """Whether the kernels take this call: a dense ``x`` with ``step`` on its device, a
+    per-tensor step or a gradient-free step of shape ``(x.shape[0], 1, ...)`` (per output
+    channel), computing in float32 or bf16 (fp16: eager). Unlike the eager node, the kernels
+    keep ``x`` for the backward, so ``x`` must not be modified in place after the call."""
+    if x.dim() == 0 or step.device != x.device or not _dense(x):
+        return False
+    if torch.result_type(x, step) not in (torch.float32, torch.bfloat16):
         return False
     if step.numel() == 1:
         return True
-    return step.numel() == x.shape[0] and step.is_contiguous()
+    # one step per index of dim 0, without a gradient (the chain's weight steps are detached)
+    per_channel = (x.shape[0],) + (1,) * (x.dim() - 1)
+    return tuple(step.shape) == per_channel and step.is_contiguous() and not step.requires_grad
 
 
 class _FakeQuantTriton(torch.autograd.Function):

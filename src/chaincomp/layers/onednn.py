@@ -18,6 +18,7 @@ copies of a small tensor per guarded layer and step. CUDA convolutions are not t
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -27,10 +28,16 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 
+@functools.lru_cache(maxsize=1)
 def channel_block() -> int:
     """The input-channel block of oneDNN's CPU 1x1 kernels on this machine: 16 with AVX-512,
-    else 8 (AVX2)."""
-    return 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
+    else 8 (AVX2). oneDNN picks its instruction set from the CPU, not from ATen's dispatch
+    (``ATEN_CPU_CAPABILITY`` may lower the latter), so the CPU's flags decide where readable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return 16 if "avx512f" in f.read() else 8
+    except OSError:
+        return 16 if "AVX512" in torch.backends.cpu.get_cpu_capability() else 8
 
 
 def is_affected(m: nn.Module, block: int | None = None) -> bool:
@@ -56,11 +63,13 @@ def _nchw_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     # exact NCHW strides, not .contiguous(): a tensor whose strides fit both layouts (one
     # channel, or 1x1 spatial) is "contiguous" and may still be read as channels_last
     x = args[0]
-    convert = isinstance(x, Tensor) and x.dim() == 4 and x.stride() != _nchw_strides(x.shape)
-    module._guard_restore = convert  # type: ignore[assignment]
-    if convert:
-        return (x.clone(memory_format=torch.contiguous_format), *args[1:])
-    return args
+    if not (isinstance(x, Tensor) and x.dim() == 4 and x.stride() != _nchw_strides(x.shape)):
+        module._guard_restore = False  # type: ignore[assignment]
+        return args
+    # the output goes back to channels_last only if the input was plainly in it
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    module._guard_restore = cl  # type: ignore[assignment]
+    return (x.clone(memory_format=torch.contiguous_format), *args[1:])
 
 
 def _restore_layout(module: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
@@ -76,25 +85,30 @@ class Guard:
     def __init__(self) -> None:
         self.handles: list[RemovableHandle] = []
         self.layers: list[str] = []
+        self.modules: list[nn.Module] = []
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
-        self.handles = []
+        for m in self.modules:
+            m.__dict__.pop("_guarded", None)
+        self.handles, self.modules = [], []
 
 
 def guard_strided_1x1(net: nn.Module, block: int | None = None) -> Guard:
     """Make every affected convolution of ``net`` (:func:`is_affected`) compute in NCHW (none
     while oneDNN is off: ``torch.backends.mkldnn.enabled`` false, as ``trainer.cpu_onednn=false``
     sets it inside a fit, so such runs keep their kernels and results); the
-    returned :class:`Guard` names them and removes the hooks. Remove a guard before guarding the
-    same net again (hooks stacked twice would leave the output in NCHW; values stay right)."""
+    returned :class:`Guard` names them and removes the hooks. A layer another guard already holds
+    is left to that guard."""
     guard = Guard()
     if not torch.backends.mkldnn.enabled:  # trainer.cpu_onednn=false: PyTorch's own kernels
         return guard
     for name, m in net.named_modules():
-        if is_affected(m, block):
+        if is_affected(m, block) and not m.__dict__.get("_guarded", False):
             assert isinstance(m, nn.Conv2d)
+            m.__dict__["_guarded"] = True  # a second guard skips it (hooks would not stack right)
+            guard.modules.append(m)
             # a clone, not .contiguous(): a 1x1 weight in channels_last also counts as
             # contiguous, and its strides would still make the convolution pick channels_last
             if m.weight.stride() != _nchw_strides(m.weight.shape):
