@@ -7,10 +7,13 @@
 #   3. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
 #      and ResNet-34 (batch 256), bf16-mixed, one round each, QAT with the eager quantizer and
 #      with the Triton kernels (--triton; BENCH=0 skips the benchmark, CHAIN=0 the chain: one
-#      call may run 600 s, so a session splits chain + variants and the benchmark).
+#      call may run 600 s, so a session splits chain + variants and the benchmark);
+#   4. ORDERS=1 (off by default; runs before the benchmark): the 24-order study, resumable
+#      across calls on a warm machine (ORDERS_LIMIT: seconds per call, ORDERS_ARGS: overrides).
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
-# headline_run.tgz, variant-<i>.log / .json, bench.log. Each phase has its own time limit, so a
-# slow phase cannot take the next one's results with it.
+# headline_run.tgz, variant-<i>.log / .json, bench.log; with ORDERS=1 orders.log,
+# orders-summary.json, orders.journal, orders-chains.tgz and the tables in experiments/. Each
+# phase has its own time limit, so a slow phase cannot take the next one's results with it.
 #
 #   VARIANTS='chain.steps.P.settings.kd_alpha=0 chain.steps.Q.settings.kd_alpha=0;chain.steps.P.settings.ratio=0.2'
 #   (variants separated by ";", overrides within one by spaces; VARIANT_LIMIT: seconds for each)
@@ -61,6 +64,27 @@ for variant in "${variants[@]}"; do
   echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
   cp "$run_dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null
 done
+
+if [ "${ORDERS:-0}" != 0 ]; then
+  # 4. the order study (experiment=orders_cifar10, tracking off: no MLflow on that machine). Its
+  # journal and prefix cache live in $CHAINCOMP_CACHE_DIR, which a warm machine keeps between
+  # calls: a call cut off by ORDERS_LIMIT is resumed by the same command (the killed trial is
+  # failed and queued again). The report reads the finished trials' summary.json files.
+  orders_dir=$CHAINCOMP_CACHE_DIR/orders_run
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  timeout "${ORDERS_LIMIT:-540}" $PY -m chaincomp sweep experiment=orders_cifar10 tracking=none \
+    hydra.run.dir="$orders_dir" ${ORDERS_ARGS:-} >>"$OUT/orders.log" 2>&1
+  echo "orders: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/orders.log"
+  # shellcheck disable=SC2086
+  $PY -m chaincomp report experiment=orders_cifar10 tracking=none ${ORDERS_ARGS:-} \
+    "report.summaries=[$orders_dir/trials/*/summary.json]" report.out_dir="$OUT/experiments" \
+    >>"$OUT/orders.log" 2>&1
+  echo "orders report: rc=$?" | tee -a "$OUT/orders.log"
+  cp "$orders_dir/summary.json" "$OUT/orders-summary.json" 2>/dev/null
+  cp "$CHAINCOMP_CACHE_DIR/optuna.journal" "$OUT/orders.journal" 2>/dev/null
+  (cd "$orders_dir" && find trials -name summary.json | tar czf "$OUT/orders-chains.tgz" -T -)
+fi
 
 [ "${BENCH:-1}" = 0 ] && exit 0
 for spec in "resnet18 512" "resnet34 256 --no-exits"; do

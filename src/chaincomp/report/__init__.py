@@ -126,25 +126,48 @@ __all__ = [
 ]
 
 
+def summary_paths(patterns: tuple[str, ...]) -> list[str]:
+    """The files of ``report.summaries``: each entry a ``summary.json`` path or a glob (``*``,
+    ``?``; e.g. a sweep's ``<run dir>/trials/*/summary.json`` when it ran with tracking off),
+    expanded in sorted order. Raises ConfigError naming the entries that match no file."""
+    import glob
+
+    from chaincomp.errors import ConfigError
+
+    paths: list[str] = []
+    missing = []
+    for pattern in patterns:
+        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?") else [pattern]
+        found = [p for p in found if Path(p).is_file()]
+        if not found:
+            missing.append(pattern)
+        paths.extend(found)
+    if missing:
+        raise ConfigError(
+            "report.summaries",
+            f"no such file: {', '.join(missing)}",
+            "summary.json paths or globs (*, ?) that match files",
+        )
+    return paths
+
+
 def report(cfg: Any) -> dict[str, Path]:
     """``chaincomp report``: read ``report.source`` from ``tracking.*`` (or the chains of
     ``report.summaries``) and write the files."""
     from omegaconf import OmegaConf
 
     from chaincomp.chain.result import ChainResult
-    from chaincomp.errors import ConfigError
     from chaincomp.tracking.mlflow_tracker import Tracker, TrackingConfig
 
     section = OmegaConf.to_container(cfg.report, resolve=True) if "report" in cfg else {}
     rcfg = ReportConfig.from_dict(section)  # type: ignore[arg-type]
     if rcfg.summaries:
-        missing = [p for p in rcfg.summaries if not Path(p).is_file()]
-        if missing:
-            raise ConfigError(
-                "report.summaries", f"no such file: {', '.join(missing)}", "summary.json paths"
-            )
-        chains = [Chain(ChainResult.load(p)) for p in rcfg.summaries]
-        return write_report(rcfg, chains, store="files " + ", ".join(rcfg.summaries))
+        paths = summary_paths(rcfg.summaries)
+        chains = [Chain(ChainResult.load(p)) for p in paths]
+        store = "files " + ", ".join(rcfg.summaries)
+        if len(paths) != len(rcfg.summaries):
+            store += f" ({len(paths)} files)"
+        return write_report(rcfg, chains, store=store)
     tsec: Any = OmegaConf.to_container(cfg.tracking, resolve=True)
     tcfg = TrackingConfig(**{**tsec, "enabled": True})
     tracker = Tracker(tcfg)

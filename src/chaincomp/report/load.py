@@ -9,8 +9,6 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any
 
-from mlflow.exceptions import MlflowException
-
 from chaincomp.chain.result import ChainResult, StepResult, from_rows
 from chaincomp.errors import ConfigError
 from chaincomp.tasks import TASKS
@@ -108,6 +106,8 @@ def read_result(client: Any, experiment_id: str, run: Any) -> ChainResult | None
     :class:`ChainResult`. Only where that file cannot be read (a store copied without its
     artifacts, or written before the schema was versioned) is the result rebuilt from the
     per-step child runs' metrics; None when those are incomplete too."""
+    from mlflow.exceptions import MlflowException  # here: reading summary files needs no MLflow
+
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = client.download_artifacts(run.info.run_id, "summary.json", tmp)
