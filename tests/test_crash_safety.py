@@ -325,7 +325,7 @@ def test_sigterm_exits_143_with_its_runs_killed(tmp_path: Path) -> None:
     _signal_inside_p(proc, db, signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err.decode()[-2000:]
-    assert "terminated (SIGTERM)" in err.decode()
+    assert "terminated (SIGTERM); its MLflow runs are closed as KILLED" in err.decode()
     status = dict(_peek(db))
     assert status["chain P"] == "KILLED" and status["1:P"] == "KILLED"
     assert "RUNNING" not in status.values()

@@ -451,6 +451,11 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated(128 + signum)
 
 
+def _killed_note(cfg: DictConfig) -> str:
+    tracking = cfg.get("tracking") or {}
+    return "; its MLflow runs are closed as KILLED" if tracking.get("enabled", False) else ""
+
+
 def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     from chaincomp.console import quiet
 
@@ -459,7 +464,7 @@ def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> 
         result = fn(cfg)
     except KeyboardInterrupt:
         print(
-            f"chaincomp {command}: interrupted; its MLflow runs are closed as KILLED",
+            f"chaincomp {command}: interrupted{_killed_note(cfg)}",
             file=sys.stderr,
         )
         sys.exit(130)
@@ -468,7 +473,7 @@ def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> 
         # raised by its own handler during fit): a scheduler must not see success
         if isinstance(exc, Terminated) or type(exc).__name__ == "SIGTERMException":
             print(
-                f"chaincomp {command}: terminated (SIGTERM); its MLflow runs are closed as KILLED",
+                f"chaincomp {command}: terminated (SIGTERM){_killed_note(cfg)}",
                 file=sys.stderr,
             )
             sys.exit(128 + signal.SIGTERM)
