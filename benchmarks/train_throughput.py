@@ -238,7 +238,8 @@ def run(
     before any fit), ``trained_on`` (path -> the device it really trained on, all equal to
     ``device``), ``images_per_s`` (path -> images/s), ``ratio``, ``qat_overhead``,
     ``exits_qat_overhead``, ``samples`` (path -> images/s of each of the ``rounds`` rounds, every
-    path trained once per round, in turn; ``images_per_s`` is their median), the settings used, and ``modules`` / ``exit_heads_before`` (the
+    path trained once per round, in turn, framework and plain loop in alternating order;
+    ``images_per_s`` is their median), the settings used, and ``modules`` / ``exit_heads_before`` (the
     trained modules with exit heads and their heads' state before training). ``triton``: the
     QAT path again with ``CHAINCOMP_QUANT_KERNEL=triton`` (``qat_triton``, and
     ``qat_triton_overhead`` float/QAT against the same framework path).
@@ -299,9 +300,9 @@ def run(
         backbone = backbone_of(initial.net)
         points = list(es.points) if es.points is not None else list(range(len(backbone.stages) - 1))
     triton_check = _triton_check(device) if qat and triton else {}
-    for _ in range(rounds):  # every path once per round: a slow spell hits all paths alike
-        framework("framework", copy.deepcopy(initial))
-        plain, plain_devices = plain_loop(
+
+    def plain() -> None:
+        ips, devices = plain_loop(
             copy.deepcopy(initial),
             dm,
             epochs,
@@ -310,8 +311,15 @@ def run(
             precision.startswith("bf16"),
             channels_last,
         )
-        trained_on["plain"] = _trained_on("plain", plain_devices, device)
-        samples.setdefault("plain", []).append(plain)
+        trained_on["plain"] = _trained_on("plain", devices, device)
+        samples.setdefault("plain", []).append(ips)
+
+    for r in range(rounds):  # every path once per round: a slow spell hits all paths alike
+        # the ratio's pair in alternating order (framework first in even rounds, the plain loop
+        # in odd ones): whatever the path before leaves behind (heap, caches) falls on each alike
+        pair = (lambda: framework("framework", copy.deepcopy(initial)), plain)
+        for measure in pair if r % 2 == 0 else pair[::-1]:
+            measure()
 
         if qat:
             module = copy.deepcopy(initial).to(device)
