@@ -20,8 +20,9 @@
 #
 #   OUT=/tmp/out benchmarks/gpu_session.sh
 #
-# Without network on that machine: put wheels of hydra-core, omegaconf, antlr4-python3-runtime and
-# torch-pruning in .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both.
+# Without network on that machine: put wheels of hydra-core, omegaconf, antlr4-python3-runtime,
+# torch-pruning, optuna and colorlog (the sweep's; optuna needs no SQLAlchemy for its journal) in
+# .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both.
 # CHAIN_ARGS / BENCH_ARGS: extra overrides (the CPU proof of this script makes everything tiny);
 # CHAIN_LIMIT / BENCH_LIMIT: seconds allowed per phase; TRITON= (empty) drops --triton (CPU proof).
 set -uo pipefail
@@ -67,18 +68,19 @@ done
 
 if [ "${ORDERS:-0}" != 0 ]; then
   # 4. the order study (experiment=orders_cifar10, tracking off: no MLflow on that machine). Its
-  # journal and prefix cache live in $CHAINCOMP_CACHE_DIR, which a warm machine keeps between
-  # calls: a call cut off by ORDERS_LIMIT is resumed by the same command (the killed trial is
-  # failed and queued again). The report reads the finished trials' summary.json files.
-  orders_dir=$CHAINCOMP_CACHE_DIR/orders_run
+  # journal, prefix cache and run folder live in $CHAINCOMP_CACHE_DIR, which a machine keeps
+  # between calls while it stays warm (it goes back after a short idle time: call again at
+  # once): the same command resumes a cut-off sweep (the killed trials are failed and queued
+  # again). The report reads the finished trials' summary.json files. ORDERS_LIMIT leaves room
+  # for the report and the copies inside one 600 s call.
+  read -r -a orders_args <<<"${ORDERS_ARGS:-}"
+  orders_dir=$CHAINCOMP_CACHE_DIR/sweep-orders_cifar10
   start=$(date +%s)
-  # shellcheck disable=SC2086
-  timeout "${ORDERS_LIMIT:-540}" $PY -m chaincomp sweep experiment=orders_cifar10 tracking=none \
-    hydra.run.dir="$orders_dir" ${ORDERS_ARGS:-} >>"$OUT/orders.log" 2>&1
+  timeout -k 30 "${ORDERS_LIMIT:-450}" $PY -m chaincomp sweep experiment=orders_cifar10 \
+    tracking=none hydra.run.dir="$orders_dir" "${orders_args[@]}" >>"$OUT/orders.log" 2>&1
   echo "orders: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/orders.log"
-  # shellcheck disable=SC2086
-  $PY -m chaincomp report experiment=orders_cifar10 tracking=none ${ORDERS_ARGS:-} \
-    "report.summaries=[$orders_dir/trials/*/summary.json]" report.out_dir="$OUT/experiments" \
+  $PY -m chaincomp report experiment=orders_cifar10 tracking=none "${orders_args[@]}" \
+    "report.summaries=['$orders_dir/trials/*/summary.json']" report.out_dir="$OUT/experiments" \
     >>"$OUT/orders.log" 2>&1
   echo "orders report: rc=$?" | tee -a "$OUT/orders.log"
   cp "$orders_dir/summary.json" "$OUT/orders-summary.json" 2>/dev/null

@@ -474,7 +474,7 @@ def main() -> None:
     parser.add_argument(
         "--rounds",
         type=int,
-        default=3,
+        default=4,
         help="train every path this many times, in turn, and report the median images/s "
         "(a shared machine's slow spells hit every path alike)",
     )

@@ -599,53 +599,59 @@ def test_a_report_from_summary_files_equals_the_one_from_mlflow(
 
 
 def test_a_sweep_with_tracking_off_reports_from_a_glob_without_mlflow(tmp_path: Path) -> None:
-    """The GPU machine's path (no MLflow installed): ``chaincomp sweep tracking=none`` then
-    ``chaincomp report report.summaries=[<run dir>/trials/*/summary.json]``, in a process where
-    ``import mlflow`` fails. Every order's chain is found through the glob; a glob that matches
-    nothing is one ConfigError naming the key."""
+    """The GPU machine's path (no MLflow, SQLAlchemy or Alembic installed there): ``chaincomp
+    sweep tracking=none`` with spawned workers, then ``chaincomp report
+    report.summaries=[<run dir>/trials/*/summary.json]``, where importing any of those fails in
+    every process (stub packages first on PYTHONPATH, which the workers inherit). Every order's
+    chain is found through the glob, each file once; a glob that matches nothing is one
+    ConfigError naming the key."""
     import subprocess
     import sys
 
+    stubs = tmp_path / "stubs"
+    for name in ("mlflow", "sqlalchemy", "alembic"):
+        (stubs / name).mkdir(parents=True)
+        (stubs / name / "__init__.py").write_text(f"raise ImportError('no {name} here')\n")
     run_dir, out = tmp_path / "sweep", tmp_path / "experiments"
     common = [
         *TINY[:-3],
         "search.stages=[P,Q]",
         "search.n_trials=2",
+        "search.n_workers=2",
         "search.name=no_mlflow",
         "tracking=none",
         f"chain.cache_dir={tmp_path / 'cache'}",
         f"search.storage={tmp_path / 'study.journal'}",
     ]
-    code = (
-        "import sys; sys.modules['mlflow'] = None\n"  # any import of mlflow raises ImportError
-        "from chaincomp.cli import main\n"
-        "sys.exit(main(sys.argv[1:]))"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    env = {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT / 'src'}"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            [sys.executable, "-c", code, *args],
+            [sys.executable, "-m", "chaincomp", *args],
             capture_output=True,
             text=True,
             env=env,
             cwd=tmp_path,
         )
 
+    blocked = subprocess.run(
+        [sys.executable, "-c", "import mlflow"], capture_output=True, text=True, env=env
+    )
+    assert "no mlflow here" in blocked.stderr
     swept = cli("sweep", *common, f"hydra.run.dir={run_dir}")
     assert swept.returncode == 0, swept.stderr[-2000:]
     pattern = f"{run_dir}/trials/*/summary.json"
     reported = cli(
         "report",
         *common,
-        f"report.summaries=[{pattern}]",
+        f"report.summaries=['{pattern}','{pattern}']",  # overlapping entries: each file once
         f"report.out_dir={out}",
         "report.label=digits",
         "report.studies=[pairwise,all_orders]",
     )
     assert reported.returncode == 0, reported.stderr[-2000:]
     rows = _read_csv(out / "all_orders" / "results" / "digits" / "orders.csv")
-    assert sorted(r["order"] for r in rows) == ["PQ", "QP"]
+    assert sorted((r["order"], r["runs"]) for r in rows) == [("PQ", "1"), ("QP", "1")]
     head = (out / "pairwise" / "results" / "digits" / "pairwise.md").read_text().split("\n")[0]
     assert "(2 files)" in head
     with pytest.raises(ConfigError, match=r"report\.summaries.*no such file: .*nothing"):

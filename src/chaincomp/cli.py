@@ -452,8 +452,14 @@ def _on_sigterm(signum: int, frame: Any) -> None:
 
 
 def _killed_note(cfg: DictConfig) -> str:
-    tracking = cfg.get("tracking") or {}
-    return "; its MLflow runs are closed as KILLED" if tracking.get("enabled", False) else ""
+    """What an interrupted command says about its MLflow runs: nothing when tracking is off
+    (never raises: it runs inside the handlers that set the exit status)."""
+    try:
+        tracking = cfg.get("tracking")
+        enabled = bool(tracking.get("enabled", False)) if hasattr(tracking, "get") else False
+    except Exception:
+        return ""
+    return "; its MLflow runs are closed as KILLED" if enabled else ""
 
 
 def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:

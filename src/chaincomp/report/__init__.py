@@ -127,28 +127,33 @@ __all__ = [
 
 
 def summary_paths(patterns: tuple[str, ...]) -> list[str]:
-    """The files of ``report.summaries``: each entry a ``summary.json`` path or a glob (``*``,
-    ``?``; e.g. a sweep's ``<run dir>/trials/*/summary.json`` when it ran with tracking off),
-    expanded in sorted order. Raises ConfigError naming the entries that match no file."""
+    """The files of ``report.summaries``: each entry a ``summary.json`` path or a glob (``*``
+    and ``?`` are wildcards, ``[`` is literal; e.g. a sweep's ``<run dir>/trials/*/summary.json``
+    when it ran with tracking off), expanded in sorted order, each file once however many
+    entries match it. Raises ConfigError naming the entries that match no file."""
     import glob
 
     from chaincomp.errors import ConfigError
 
-    paths: list[str] = []
+    paths: dict[Path, str] = {}
     missing = []
     for pattern in patterns:
-        found = sorted(glob.glob(pattern)) if any(c in pattern for c in "*?") else [pattern]
+        if any(c in pattern for c in "*?"):
+            found = sorted(glob.glob(pattern.replace("[", "[[]")))
+        else:
+            found = [pattern]
         found = [p for p in found if Path(p).is_file()]
         if not found:
             missing.append(pattern)
-        paths.extend(found)
+        for p in found:
+            paths.setdefault(Path(p).resolve(), p)
     if missing:
         raise ConfigError(
             "report.summaries",
             f"no such file: {', '.join(missing)}",
             "summary.json paths or globs (*, ?) that match files",
         )
-    return paths
+    return list(paths.values())
 
 
 def report(cfg: Any) -> dict[str, Path]:
@@ -165,7 +170,7 @@ def report(cfg: Any) -> dict[str, Path]:
         paths = summary_paths(rcfg.summaries)
         chains = [Chain(ChainResult.load(p)) for p in paths]
         store = "files " + ", ".join(rcfg.summaries)
-        if len(paths) != len(rcfg.summaries):
+        if tuple(paths) != rcfg.summaries:  # globs or repeats: say how many files were read
             store += f" ({len(paths)} files)"
         return write_report(rcfg, chains, store=store)
     tsec: Any = OmegaConf.to_container(cfg.tracking, resolve=True)

@@ -24,8 +24,8 @@ class ReportConfig:
     """``studies``: which tables to write (any of :data:`STUDIES`); ``label``: the results
     subfolder; ``source``: the sweep's study name or a run's name; ``out_dir``: the experiments
     folder; ``tie_tol``: metric differences up to this count as ties (>= 0); ``summaries``:
-    ``summary.json`` files to read instead of MLflow (chains run with tracking off), empty =
-    read ``source`` from MLflow."""
+    ``summary.json`` files or globs (:func:`chaincomp.report.summary_paths`) to read instead of
+    MLflow (chains run with tracking off), empty = read ``source`` from MLflow."""
 
     studies: tuple[str, ...] = ("all_orders",)
     label: str = "default"
