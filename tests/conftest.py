@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,21 @@ def _offline_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(old)
+
+
+def chaincomp_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``chaincomp <args>`` in a fresh interpreter (``python -m chaincomp.cli``), in ``cwd``, with
+    this environment plus ``env``; stdout and stderr captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "chaincomp.cli", *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def compose_cfg(*overrides: str) -> DictConfig:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,19 +12,13 @@ from mlflow import MlflowClient
 
 from chaincomp.cli import SUMMARY_KEYS as CLI_SUMMARY_KEYS
 
+from .conftest import chaincomp_cli
+
 SUMMARY_KEYS = set(CLI_SUMMARY_KEYS)
 
 
 def chaincomp(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "chaincomp.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    return chaincomp_cli(*args, cwd=cwd)
 
 
 def test_train_writes_summary_and_logs_to_mlflow(tmp_path: Path) -> None:

@@ -21,7 +21,7 @@ from chaincomp.errors import ConfigError
 from chaincomp.report import plots as report_plots
 from chaincomp.search import sweep
 
-from .conftest import compose_cfg
+from .conftest import chaincomp_cli, compose_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "notebooks" / "order_analysis.ipynb"
@@ -623,19 +623,16 @@ def test_a_sweep_with_tracking_off_reports_from_a_glob_without_mlflow(tmp_path: 
         f"chain.cache_dir={tmp_path / 'cache'}",
         f"search.storage={tmp_path / 'study.journal'}",
     ]
-    env = {**os.environ, "PYTHONPATH": f"{stubs}{os.pathsep}{ROOT / 'src'}"}
+    env = {"PYTHONPATH": f"{stubs}{os.pathsep}{ROOT / 'src'}"}
 
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "chaincomp", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-        )
+        return chaincomp_cli(*args, cwd=tmp_path, env=env)
 
     blocked = subprocess.run(
-        [sys.executable, "-c", "import mlflow"], capture_output=True, text=True, env=env
+        [sys.executable, "-c", "import mlflow"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
     )
     assert "no mlflow here" in blocked.stderr
     swept = cli("sweep", *common, f"hydra.run.dir={run_dir}")
