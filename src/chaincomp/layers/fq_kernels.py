@@ -39,8 +39,12 @@ def _levels(
         s = _round(s, ROUND)
     # correctly rounded, as eager (a plain / compiles to an approximate division on CUDA)
     t = _round(tl.math.div_rn(x, s), ROUND)
-    nan = tl.PropagateNan.ALL  # NaN in, NaN out, as torch.clamp
-    y = tl.minimum(tl.maximum(t, qmin, propagate_nan=nan), qmax, propagate_nan=nan)
+    # NaN in, NaN out, as torch.clamp (the enum inline: Triton cannot bind it to a name)
+    y = tl.minimum(
+        tl.maximum(t, qmin, propagate_nan=tl.PropagateNan.ALL),
+        qmax,
+        propagate_nan=tl.PropagateNan.ALL,
+    )
     # round half to even, as torch.round: y - floor(y) is exact in float32
     f = tl.floor(y)
     d = y - f

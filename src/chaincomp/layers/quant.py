@@ -81,6 +81,14 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(dtype=torch.float32)
 
 
+def _result_dtype(x: Tensor, step: Tensor) -> torch.dtype:
+    """``torch.result_type(x, step)`` for a floating ``x`` (a 0-dim ``step`` takes ``x``'s dtype),
+    written with dtypes only, so ``torch.compile`` traces it without a graph break."""
+    if step.dim() == 0 and x.dim() > 0 and x.is_floating_point() and step.is_floating_point():
+        return x.dtype
+    return torch.promote_types(x.dtype, step.dtype)
+
+
 class _FakeQuant(torch.autograd.Function):
     """Forward: ``round(clamp(x / step, qmin, qmax)) * step`` (the same operations, so the same
     values, as :func:`fake_quant_composed`), plus a float mask of the clipping range. Backward,
@@ -98,7 +106,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
         # t and y take x's exact strides (a one-channel channels_last batch stays channels_last,
         # so the convolution that reads y keeps that layout)
-        dtype = torch.result_type(x, step)
+        dtype = _result_dtype(x, step)
         t = torch.div(x, step, out=torch.empty_like(x, dtype=dtype))
         y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
         # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
