@@ -2,8 +2,9 @@
 
 A plain loop (SGD, cross-entropy, bf16 autocast and channels_last on CUDA) over one random batch
 held on the device, so data loading and Lightning are out of the picture. For each variant it
-prints the wall time per step (synchronized), the GPU kernel time per step (PyTorch profiler,
-the sum of the device kernels' self time) and their ratio to float:
+prints the wall time per step (synchronized), the operator calls the host makes per step
+(top-level ATen calls), the GPU kernel time per step (PyTorch profiler, the sum of the device
+kernels' self time) and their ratio to float:
 
 - ``float``: the net as built;
 - ``QAT``: every conv and linear fake-quantized as the quantize stage does it (w4/a4 per-channel
@@ -130,6 +131,13 @@ def measure(step: Callable[[], None], device: torch.device, steps: int, top: int
         for _ in range(steps):
             step()
         sync(device)
+    # operator calls the host makes per step (top-level ATen calls, not their inner calls)
+    calls = sum(
+        1
+        for e in prof.events()
+        if e.name.startswith("aten::")
+        and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+    )
     events = prof.key_averages()
     # the device's own events (kernels, copies), as the profiler's table sums them: an
     # operator's row repeats the time of the kernels it launched
@@ -143,7 +151,7 @@ def measure(step: Callable[[], None], device: torch.device, steps: int, top: int
     if top:
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         table = events.table(sort_by=key, row_limit=top, max_name_column_width=50)
-    return {"wall_ms": wall, "gpu_ms": gpu, "table": table}
+    return {"wall_ms": wall, "gpu_ms": gpu, "calls": calls / steps, "table": table}
 
 
 def main() -> None:
@@ -179,6 +187,7 @@ def main() -> None:
         base = rows[0][1]
         print(
             f"{label:34s} wall {r['wall_ms']:8.2f} ms/step ({r['wall_ms'] / base['wall_ms']:5.2f}x)"
+            f"  ATen calls {r['calls']:6.0f}/step"
             f"  GPU kernels {r['gpu_ms']:8.2f} ms/step"
             + (
                 f" ({r['gpu_ms'] / base['gpu_ms']:5.2f}x), busy {r['gpu_ms'] / r['wall_ms']:4.0%}"

@@ -63,5 +63,11 @@ def test_it_prints_every_variant_on_the_cpu() -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
+    calls = {}
     for label in ("float", "QAT (eager)", "QAT weights only", "QAT activations only"):
-        assert any(line.startswith(label) and "ms/step" in line for line in r.stdout.splitlines())
+        line = next(x for x in r.stdout.splitlines() if x.startswith(label) and "ms/step" in x)
+        calls[label] = int(line.split("ATen calls")[1].split("/step")[0])
+    extra = {k: v - calls["float"] for k, v in calls.items() if k != "float"}
+    # each quantizer adds host calls, and the two halves add up to the whole
+    assert extra["QAT weights only"] > 0 and extra["QAT activations only"] > 0
+    assert extra["QAT weights only"] + extra["QAT activations only"] == extra["QAT (eager)"]
