@@ -2,8 +2,8 @@
 
 The eager :class:`chaincomp.layers.quant._FakeQuant` makes about ten elementwise passes over an
 activation per training step (divide, clamp, compare, round, multiply, their dtype copies, the
-masked gradient and two dot products); on a GPU those passes, not the convolutions, are most of
-QAT's overhead (an H200 measured QAT at 2.6-3.3x float). Here the forward reads ``x`` once and
+masked gradient and two dot products); on an H200 they double the GPU kernel time of a
+ResNet-18 training step (8.4 -> 16.4 ms at batch 512). Here the forward reads ``x`` once and
 writes ``y`` once; the backward reads the gradient and ``x`` once, writes the input gradient
 and, for a learned (LSQ) step, one partial sum per block.
 
@@ -16,8 +16,11 @@ so the forward values are eager's, and the input gradient too (a 0/1 mask times 
 the step gradient sums each element's term in float32 per block (eager's bf16 form multiplies
 in bf16 first), so it agrees within rounding. NaN inputs give NaN, as eager.
 
-Opt-in: ``CHAINCOMP_QUANT_KERNEL=triton`` (see :func:`chaincomp.layers.quant.fake_quant`); the
-eager form stays the default until a GPU measurement says otherwise. Tests run these kernels on
+Opt-in: ``CHAINCOMP_QUANT_KERNEL=triton`` (see :func:`chaincomp.layers.quant.fake_quant`). On an
+H200 (2026-11-27) they matched eager (values and input gradients) but QAT was no faster (2.99x
+float against eager's 2.55x on ResNet-18, 2.79x against 2.82x on ResNet-34): the QAT step waits
+on the host, and a Triton launch costs the host more than an ATen call
+(``benchmarks/qat_profile.py``), so eager stays the default. Tests run these kernels on
 the CPU with Triton's interpreter (``TRITON_INTERPRET=1`` before the first call).
 """
 

@@ -140,8 +140,9 @@ QUANT_KERNELS = ("eager", "triton")
 
 def quant_kernel() -> str:
     """Which fake quantizer runs: ``$CHAINCOMP_QUANT_KERNEL``, ``eager`` (default) or ``triton``
-    (:mod:`chaincomp.layers.fq_triton`: two fused kernels on CUDA; opt-in until a GPU measures
-    it faster). Any other value is a :class:`ConfigError` naming the variable."""
+    (:mod:`chaincomp.layers.fq_triton`: two fused kernels on CUDA; opt-in: an H200 measured
+    them no faster, the QAT step being host-bound). Any other value is a :class:`ConfigError`
+    naming the variable."""
     choice = os.environ.get(KERNEL_ENV, "eager")
     if choice not in QUANT_KERNELS:
         raise ConfigError(KERNEL_ENV, f"unknown quantization kernel {choice!r}", QUANT_KERNELS)
