@@ -91,6 +91,81 @@ def test_per_channel_step_fused_equals_composed(learned: bool) -> None:
         assert gs1 is None and gs2 is None
 
 
+def _act_reference(x: torch.Tensor, step: torch.Tensor, g: float, qmin: int, qmax: int):  # type: ignore[no-untyped-def]
+    """An activation quantizer as autograd ops: grad_scale, |.|, the floor, the composed form."""
+    s = grad_scale(step, g) if g != 1.0 else step
+    return fake_quant_composed(x, s.abs().clamp_min(1e-8), qmin, qmax)
+
+
+def _weight_reference(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """A weight quantizer as autograd ops: the detached per-channel step, the composed form."""
+    q = quant.weight_levels(bits)
+    flat = w.reshape(w.shape[0], -1)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
+    return fake_quant_composed(w, step, -q, q)
+
+
+@pytest.mark.parametrize(
+    ("step_value", "g"), [(0.17, 0.02), (-0.17, 0.02), (0.17, 1.0), (3e-9, 0.02)]
+)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_one_node_activation_quantizer_equals_its_composition(
+    step_value: float, g: float, channels_last: bool
+) -> None:
+    """Values identical, gradients within rounding, for a positive and a negative learned step
+    (|.| flips the gradient's sign), no gradient scale, and a step below the 1e-8 floor (the
+    floor's gradient is 0 there)."""
+    x = torch.randn(8, 6, 5, 5, generator=torch.Generator().manual_seed(0)) * 2
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(3))
+    out = []
+    for fn in (quant.act_fake_quant, _act_reference):
+        xi = x.detach().clone().requires_grad_()
+        si = torch.tensor(step_value, requires_grad=True)
+        y = fn(xi, si, g, -8, 7)
+        (y * upstream).sum().backward()
+        out.append((y.detach(), xi.grad, si.grad))
+    (y1, gx1, gs1), (y2, gx2, gs2) = out
+    assert torch.equal(y1, y2) and y1.stride() == x.stride()
+    # the node passes the gradient straight through; the composition divides by the step and
+    # multiplies by it again, so it rounds
+    assert torch.allclose(gx1, gx2, rtol=1e-6, atol=1e-7)
+    assert set(gx1.div(upstream).nan_to_num(0).unique().tolist()) <= {0.0, 1.0}
+    assert gs1 is not None and gs2 is not None
+    if abs(step_value) < 1e-8:
+        assert gs1.item() == gs2.item() == 0.0
+    else:
+        assert torch.allclose(gs1, gs2, rtol=1e-5, atol=0) and gs1.abs() > 0
+    # a step without a gradient (learn_scale off) gets none, and x its straight-through one
+    xi = x.detach().clone().requires_grad_()
+    quant.act_fake_quant(xi, torch.tensor(0.17), 1.0, -8, 7).sum().backward()
+    assert xi.grad is not None and set(xi.grad.unique().tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 7)])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_the_one_node_weight_quantizer_equals_its_composition(
+    shape: tuple[int, ...], bits: int
+) -> None:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    w[0] = 0.0  # an all-zero channel: the step's floor
+    upstream = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    out = []
+    for fn in (quant.quantize_weight, _weight_reference):
+        wi = w.clone().requires_grad_()
+        y = fn(wi, bits)
+        (y * upstream).sum().backward()
+        out.append((y.detach(), wi.grad))
+    (y1, g1), (y2, g2) = out
+    assert torch.equal(y1, y2) and torch.allclose(g1, g2, rtol=1e-6, atol=1e-7)
+    q = quant.weight_levels(bits)
+    assert y1[1:].abs().amax() > 0 and (y1[0] == 0).all()
+    levels = y1[1] / (y1[1].abs().amax() / q)
+    assert torch.allclose(levels, levels.round(), atol=1e-4)  # on the grid of row 1
+
+
 def test_a_quantized_net_trains_the_same_with_either_form(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     torch.manual_seed(0)
     net = nn.Sequential(
@@ -115,8 +190,10 @@ def test_a_quantized_net_trains_the_same_with_either_form(monkeypatch) -> None: 
         a.finish_calibration()
     net.train()
     grads = []
-    for form in (fake_quant, fake_quant_composed):
-        monkeypatch.setattr(quant, "fake_quant", form)
+    for reference in (False, True):
+        if reference:  # every quantizer composed of autograd ops, as the layers once were
+            monkeypatch.setattr(quant, "act_fake_quant", _act_reference)
+            monkeypatch.setattr(quant, "quantize_weight", _weight_reference)
         twin = copy.deepcopy(net)
         loss = nn.functional.cross_entropy(twin(x), y)
         loss.backward()

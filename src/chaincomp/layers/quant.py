@@ -60,8 +60,10 @@ def round_ste(x: Tensor) -> Tensor:
 
 
 def grad_scale(x: Tensor, scale: float) -> Tensor:
-    """x forward, gradient multiplied by ``scale`` backward (LSQ step-size gradient scaling)."""
-    return (x - x * scale).detach() + x * scale
+    """``x`` forward (exactly: ``x + (y - y)`` with ``y = x * scale``), gradient multiplied by
+    ``scale`` backward (LSQ step-size gradient scaling)."""
+    y = x * scale
+    return x.detach() + (y - y.detach())
 
 
 def fake_quant_composed(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -84,7 +86,9 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 def _result_dtype(x: Tensor, step: Tensor) -> torch.dtype:
     """``torch.result_type(x, step)`` for a floating ``x`` (a 0-dim ``step`` takes ``x``'s dtype),
     written with dtypes only, so ``torch.compile`` traces it without a graph break."""
-    if step.dim() == 0 and x.dim() > 0 and x.is_floating_point() and step.is_floating_point():
+    if x.dtype == step.dtype or (
+        step.dim() == 0 and x.dim() > 0 and x.is_floating_point() and step.is_floating_point()
+    ):
         return x.dtype
     return torch.promote_types(x.dtype, step.dtype)
 
@@ -106,13 +110,7 @@ class _FakeQuant(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
         # t and y take x's exact strides (a one-channel channels_last batch stays channels_last,
         # so the convolution that reads y keeps that layout)
-        dtype = _result_dtype(x, step)
-        t = torch.div(x, step, out=torch.empty_like(x, dtype=dtype))
-        y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
-        # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
-        # bool masks and torch.where run several times slower than a float multiply)
-        inside = torch.eq(y, t, out=t)
-        y.round_().mul_(step)  # in place: two tensors allocated per call, not four
+        y, inside = _levels_into(x, step, qmin, qmax)
         if ctx.needs_input_grad[1]:
             ctx.save_for_backward(inside, x, y, step)
         else:
@@ -132,6 +130,70 @@ class _FakeQuant(torch.autograd.Function):
             else:
                 grad_step = ((grad * y - grad_x * x) / step).sum_to_size(step.shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None
+
+
+def _levels_into(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """``(y, inside)``: :class:`_FakeQuant`'s forward (the same operations, so the same values)."""
+    dtype = _result_dtype(x, s)
+    t = torch.div(x, s, out=torch.empty_like(x, dtype=dtype))
+    y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
+    # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
+    # bool masks and torch.where run several times slower than a float multiply)
+    inside = torch.eq(y, t, out=t)
+    y.round_().mul_(s)  # in place: two tensors allocated per call, not four
+    return y, inside
+
+
+class _ActFakeQuant(torch.autograd.Function):
+    """An activation quantizer's whole training step in one node: ``fake_quant(x, s)`` with
+    ``s = max(|step|, 1e-8)`` and LSQ's gradient scale ``g`` on the step. Its values are those
+    of ``fake_quant(x, grad_scale(step, g).abs().clamp_min(1e-8))`` (the reference, composed of
+    five more autograd nodes and about a dozen more operator calls), its gradients equal within
+    rounding: to ``x`` the straight-through gradient, to ``step`` :class:`_FakeQuant`'s ``s``
+    gradient times ``g * sign(step)`` where ``|step| >= 1e-8`` (``clamp_min`` passes the gradient
+    there, and ``sign(step) / s = 1 / step``), else 0. Fewer host calls per layer: a GPU QAT step
+    waits on the host (``benchmarks/qat_profile.py``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, step: Tensor, g: float, qmin: int, qmax: int) -> Tensor:
+        s = step.abs().clamp_min_(1e-8)
+        y, inside = _levels_into(x, s, qmin, qmax)
+        if ctx.needs_input_grad[1]:
+            ctx.save_for_backward(inside, x, y, step)
+            ctx.g = g
+        else:
+            ctx.save_for_backward(inside)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        inside = ctx.saved_tensors[0]
+        grad_x = grad * inside
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            _, x, y, step = ctx.saved_tensors
+            k = torch.where(step.abs() >= 1e-8, ctx.g / step, 0.0)
+            grad_step = (_dot(grad, y) - _dot(grad_x, x)).mul_(k).reshape(step.shape)
+        return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None
+
+
+class _WeightFakeQuant(torch.autograd.Function):
+    """Per-output-channel symmetric weight quantization in one node: ``step_c = max(max|w_c|,
+    1e-8) / q`` (no gradient, as the reference's detached step), then :class:`_FakeQuant`'s
+    forward and its straight-through input gradient. The values are the reference's
+    (``fake_quant(w, step.detach(), -q, q)``) exactly: ``max|w_c|`` is the infinity norm."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, q: int) -> Tensor:
+        dims = tuple(range(1, w.dim()))
+        step = torch.linalg.vector_norm(w, math.inf, dim=dims, keepdim=True)
+        y, inside = _levels_into(w, step.clamp_min_(1e-8).div_(q), -q, q)
+        ctx.save_for_backward(inside)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.saved_tensors[0], None
 
 
 KERNEL_ENV = "CHAINCOMP_QUANT_KERNEL"
@@ -178,6 +240,17 @@ def fake_quant(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
     return _FakeQuant.apply(x, step, qmin, qmax)  # type: ignore[no-any-return]
 
 
+def act_fake_quant(x: Tensor, step: Tensor, g: float, qmin: int, qmax: int) -> Tensor:
+    """An activation quantizer's forward: ``fake_quant(x, max(|step|, 1e-8))`` with LSQ's
+    gradient scale ``g`` on ``step`` (``grad_scale``), as one node (:class:`_ActFakeQuant`); with
+    ``CHAINCOMP_QUANT_KERNEL=triton`` on CUDA, the reference composition around the kernels."""
+    if quant_kernel() == "triton":
+        s = (grad_scale(step, g) if g != 1.0 else step).abs().clamp_min(1e-8)
+        if _use_triton(x, s):
+            return fake_quant(x, s, qmin, qmax)
+    return _ActFakeQuant.apply(x, step, g, qmin, qmax)  # type: ignore[no-any-return]
+
+
 def weight_levels(bits: int) -> int:
     """Largest integer magnitude of a symmetric ``bits``-bit weight grid (1 bit: binary)."""
     return 1 if bits == 1 else 2 ** (bits - 1) - 1
@@ -191,8 +264,10 @@ def quantize_weight(w: Tensor, bits: int) -> Tensor:
         alpha = flat.abs().mean(dim=1).reshape(shape)
         return _ReplaceSTE.apply(w, torch.where(w >= 0, alpha, -alpha).detach())  # type: ignore[no-any-return]
     q = weight_levels(bits)
-    step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
-    return fake_quant(w, step, -q, q)
+    if quant_kernel() == "triton":  # the kernels take the step as an input
+        step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
+        return fake_quant(w, step, -q, q)
+    return _WeightFakeQuant.apply(w, q)  # type: ignore[no-any-return]
 
 
 class ActQuantizer(nn.Module):
@@ -246,10 +321,10 @@ class ActQuantizer(nn.Module):
         if not self.is_calibrated:
             return x
         qmin, qmax = self.qrange
-        step: Tensor = self.step
-        if step.requires_grad and self.training:
-            step = grad_scale(step, 1.0 / math.sqrt(x[0].numel() * qmax))
-        return fake_quant(x, step.abs().clamp_min(1e-8), qmin, qmax)
+        g = 1.0
+        if self.step.requires_grad and self.training:
+            g = 1.0 / math.sqrt(x.numel() // x.shape[0] * qmax)
+        return act_fake_quant(x, self.step, g, qmin, qmax)
 
     def reset_calibration(self) -> None:
         """Forget the calibration (the layer computes in float until calibrated again)."""
