@@ -9,7 +9,12 @@
 #      with the Triton kernels (--triton; BENCH=0 skips the benchmark, CHAIN=0 the chain: one
 #      call may run 600 s, so a session splits chain + variants and the benchmark);
 #   4. ORDERS=1 (off by default; runs before the benchmark): the 24-order study, resumable
-#      across calls on a warm machine (ORDERS_LIMIT: seconds per call, ORDERS_ARGS: overrides).
+#      across calls on a warm machine (ORDERS_LIMIT: seconds per call, ORDERS_ARGS: overrides);
+#   5. PROFILE=1 (off by default; before the benchmark): benchmarks/qat_profile.py on both nets
+#      (PROFILE_LIMIT seconds each, PROFILE_ARGS; default: the eager and the Triton quantizer).
+# BENCH_ROUNDS (default 1): rounds of the benchmark (2 or more alternate the framework/plain pair);
+# BENCH_FIRST="model batch [flags];...": benchmark these before the chain, and QUANT_KERNEL=auto
+# then runs the chain's QAT on the Triton kernels if that benchmark found them equal and faster.
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
 # headline_run.tgz, variant-<i>.log / .json, bench.log; with ORDERS=1 orders.log,
 # orders-summary.json, orders.journal, orders-chains.tgz and the tables in experiments/. Each
@@ -54,7 +59,8 @@ bench() {
     start=$(date +%s)
     # shellcheck disable=SC2086
     timeout "${BENCH_LIMIT:-200}" $PY benchmarks/train_throughput.py data=cifar10 model="$model" \
-      data.batch_size="$batch" --epochs "${BENCH_EPOCHS:-3}" --rounds 1 ${TRITON---triton} "$@" \
+      data.batch_size="$batch" --epochs "${BENCH_EPOCHS:-3}" --rounds "${BENCH_ROUNDS:-1}" \
+      ${TRITON---triton} "$@" \
       ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
     echo "bench $model: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
   done
@@ -121,6 +127,17 @@ if [ "${ORDERS:-0}" != 0 ]; then
   cp "$orders_dir/summary.json" "$OUT/orders-summary.json" 2>/dev/null
   cp "$CHAINCOMP_CACHE_DIR/optuna.journal" "$OUT/orders.journal" 2>/dev/null
   (cd "$orders_dir" && find trials -name summary.json | tar czf "$OUT/orders-chains.tgz" -T -)
+fi
+
+if [ "${PROFILE:-0}" != 0 ]; then
+  # 5. PROFILE=1: where a QAT step's time goes (benchmarks/qat_profile.py: wall vs GPU kernel
+  # time, host calls, weights / activations split), ResNet-18 at 512 and ResNet-34 at 256
+  for spec in "resnet18 512" "resnet34 256"; do
+    set -- $spec
+    timeout "${PROFILE_LIMIT:-90}" $PY benchmarks/qat_profile.py --model "$1" --batch "$2" \
+      ${PROFILE_ARGS:---steps 10 --kernel eager --kernel triton} >>"$OUT/profile.log" 2>&1
+    echo "profile $1: rc=$?" | tee -a "$OUT/profile.log"
+  done
 fi
 
 [ "${BENCH:-1}" = 0 ] && exit 0
