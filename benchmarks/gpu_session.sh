@@ -57,37 +57,60 @@ bench() {
     local model=$1 batch=$2 start
     shift 2
     start=$(date +%s)
+    # its own log too (bench-<model>.log, this call's only), for QUANT_KERNEL=auto; the eager
+    # QAT line must time eager whatever the chain uses (the Triton line sets its own kernel)
     # shellcheck disable=SC2086
-    timeout "${BENCH_LIMIT:-200}" $PY benchmarks/train_throughput.py data=cifar10 model="$model" \
-      data.batch_size="$batch" --epochs "${BENCH_EPOCHS:-3}" --rounds "${BENCH_ROUNDS:-1}" \
-      ${TRITON---triton} "$@" \
-      ${BENCH_ARGS:-} >>"$OUT/bench.log" 2>&1
-    echo "bench $model: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/bench.log"
+    CHAINCOMP_QUANT_KERNEL=eager timeout "${BENCH_LIMIT:-200}" $PY benchmarks/train_throughput.py \
+      data=cifar10 model="$model" data.batch_size="$batch" --epochs "${BENCH_EPOCHS:-3}" \
+      --rounds "${BENCH_ROUNDS:-1}" ${TRITON---triton} "$@" ${BENCH_ARGS:-} \
+      >"$OUT/bench-$model.log" 2>&1
+    echo "bench $model: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/bench-$model.log"
+    cat "$OUT/bench-$model.log" >>"$OUT/bench.log"
+  done
+}
+
+# triton_wins LOG...: every log has the Triton check all True (none False) and a Triton QAT
+# overhead below the eager one
+triton_wins() {
+  local log
+  for log in "$@"; do
+    grep -q "act_values_equal=True act_grads_equal=True" "$log" 2>/dev/null || return 1
+    grep -q "weight_values_equal=True weight_grads_equal=True" "$log" || return 1
+    ! grep -q "_equal=False\|error=" "$log" || return 1
+    awk '/^QAT overhead float\/QAT/ {e=$NF} /^QAT overhead \(Triton\)/ {t=$NF}
+         END {exit !(e != "" && t != "" && t + 0 < e + 0)}' "$log" || return 1
   done
 }
 
 # BENCH_FIRST: specs benchmarked before the chain (then left out of BENCH_SPECS by the caller).
 # QUANT_KERNEL=auto: the chain's QAT uses the Triton kernels when the benchmark so far found
 # them identical to eager on this card (values and gradients) and faster (QAT overhead lower).
-[ -n "${BENCH_FIRST:-}" ] && bench "$BENCH_FIRST"
-if [ "${QUANT_KERNEL:-}" = auto ]; then
-  if grep -q "act_values_equal=True act_grads_equal=True" "$OUT/bench.log" 2>/dev/null &&
-    grep -q "weight_values_equal=True weight_grads_equal=True" "$OUT/bench.log" &&
-    awk '/^QAT overhead float\/QAT/ {e=$NF} /^QAT overhead \(Triton\)/ {t=$NF}
-         END {exit !(e != "" && t != "" && t + 0 < e + 0)}' "$OUT/bench.log"; then
-    export CHAINCOMP_QUANT_KERNEL=triton
+# The chain and its variants (only they) run with CHAINCOMP_QUANT_KERNEL=$chain_kernel.
+chain_kernel=${QUANT_KERNEL:-${CHAINCOMP_QUANT_KERNEL:-eager}}
+if [ "$chain_kernel" = auto ]; then
+  chain_kernel=eager
+  if [ -n "${BENCH_FIRST:-}" ]; then
+    bench "$BENCH_FIRST"
+    logs=()
+    IFS=';' read -r -a first_specs <<<"$BENCH_FIRST"
+    for spec in "${first_specs[@]}"; do
+      read -r model _ <<<"$spec"
+      [ -n "$model" ] && logs+=("$OUT/bench-$model.log")
+    done
+    [ ${#logs[@]} -gt 0 ] && triton_wins "${logs[@]}" && chain_kernel=triton
   fi
-  echo "chain quantizer: ${CHAINCOMP_QUANT_KERNEL:-eager}" | tee -a "$OUT/env.txt"
-elif [ -n "${QUANT_KERNEL:-}" ]; then
-  export CHAINCOMP_QUANT_KERNEL=$QUANT_KERNEL
+elif [ -n "${BENCH_FIRST:-}" ]; then
+  bench "$BENCH_FIRST"
 fi
+echo "chain quantizer: $chain_kernel" | tee -a "$OUT/env.txt"
 
 run_dir=/tmp/headline_run
 if [ "${CHAIN:-1}" != 0 ]; then
   rm -rf "$run_dir"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  timeout "${CHAIN_LIMIT:-400}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+  CHAINCOMP_QUANT_KERNEL=$chain_kernel timeout "${CHAIN_LIMIT:-400}" \
+    $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
     hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} >"$OUT/headline.log" 2>&1
   echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
   cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
@@ -101,7 +124,8 @@ for variant in "${variants[@]}"; do
   rm -rf "$run_dir"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  timeout "${VARIANT_LIMIT:-150}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+  CHAINCOMP_QUANT_KERNEL=$chain_kernel timeout "${VARIANT_LIMIT:-150}" \
+    $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
     hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
   echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
   cp "$run_dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null
@@ -133,9 +157,12 @@ if [ "${PROFILE:-0}" != 0 ]; then
   # 5. PROFILE=1: where a QAT step's time goes (benchmarks/qat_profile.py: wall vs GPU kernel
   # time, host calls, weights / activations split), ResNet-18 at 512 and ResNet-34 at 256
   for spec in "resnet18 512" "resnet34 256"; do
+    # shellcheck disable=SC2086
     set -- $spec
-    timeout "${PROFILE_LIMIT:-90}" $PY benchmarks/qat_profile.py --model "$1" --batch "$2" \
-      ${PROFILE_ARGS:---steps 10 --kernel eager --kernel triton} >>"$OUT/profile.log" 2>&1
+    # shellcheck disable=SC2086
+    CHAINCOMP_QUANT_KERNEL=eager timeout "${PROFILE_LIMIT:-90}" $PY benchmarks/qat_profile.py \
+      --model "$1" --batch "$2" ${PROFILE_ARGS---steps 10 --kernel eager --kernel triton} \
+      >>"$OUT/profile.log" 2>&1
     echo "profile $1: rc=$?" | tee -a "$OUT/profile.log"
   done
 fi

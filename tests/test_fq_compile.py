@@ -20,8 +20,6 @@ import textwrap
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
 # one fresh interpreter per check: conftest.py selected Triton's interpreter for this process,
 # and a kernel compiled for the GPU needs the compiler proper
 COMPILE = textwrap.dedent(
@@ -61,6 +59,11 @@ COMPILE = textwrap.dedent(
 
 
 def test_every_kernel_variant_compiles_for_an_sm90_gpu() -> None:
+    pytest.importorskip("triton")
+    from triton.backends import backends
+
+    if "nvidia" not in backends:
+        pytest.skip("this Triton has no CUDA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     r = subprocess.run(

@@ -173,7 +173,7 @@ class _ActFakeQuant(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             _, x, y, step = ctx.saved_tensors
             k = torch.where(step.abs() >= 1e-8, ctx.g / step, 0.0)
-            grad_step = (_dot(grad, y) - _dot(grad_x, x)).mul_(k).reshape(step.shape)
+            grad_step = ((_dot(grad, y) - _dot(grad_x, x)) * k).reshape(step.shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None
 
 
