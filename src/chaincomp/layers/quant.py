@@ -177,6 +177,13 @@ class _ActFakeQuant(torch.autograd.Function):
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None
 
 
+def _channel_step(w: Tensor, q: int) -> Tensor:
+    """``max(max|w_c|, 1e-8) / q`` per output channel ``c`` (dim 0), shaped to broadcast against
+    ``w``; call it without gradient (the weight quantizers' step gets none)."""
+    step = torch.linalg.vector_norm(w, math.inf, dim=tuple(range(1, w.dim())), keepdim=True)
+    return step.clamp_min_(1e-8).div_(q)
+
+
 class _WeightFakeQuant(torch.autograd.Function):
     """Per-output-channel symmetric weight quantization in one node: ``step_c = max(max|w_c|,
     1e-8) / q`` (no gradient, as the reference's detached step), then :class:`_FakeQuant`'s
@@ -185,9 +192,7 @@ class _WeightFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, q: int) -> Tensor:
-        dims = tuple(range(1, w.dim()))
-        step = torch.linalg.vector_norm(w, math.inf, dim=dims, keepdim=True)
-        y, inside = _levels_into(w, step.clamp_min_(1e-8).div_(q), -q, q)
+        y, inside = _levels_into(w, _channel_step(w, q), -q, q)
         ctx.save_for_backward(inside)
         return y
 
@@ -258,14 +263,14 @@ def weight_levels(bits: int) -> int:
 
 def quantize_weight(w: Tensor, bits: int) -> Tensor:
     """Per-output-channel symmetric fake quantization of a weight (STE)."""
-    flat = w.reshape(w.shape[0], -1)
-    shape = (-1,) + (1,) * (w.dim() - 1)
     if bits == 1:
-        alpha = flat.abs().mean(dim=1).reshape(shape)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        alpha = w.reshape(w.shape[0], -1).abs().mean(dim=1).reshape(shape)
         return _ReplaceSTE.apply(w, torch.where(w >= 0, alpha, -alpha).detach())  # type: ignore[no-any-return]
     q = weight_levels(bits)
     if quant_kernel() == "triton":  # the kernels take the step as an input
-        step = (flat.abs().amax(dim=1).clamp_min(1e-8) / q).reshape(shape).detach()
+        with torch.no_grad():
+            step = _channel_step(w, q)
         return fake_quant(w, step, -q, q)
     return _WeightFakeQuant.apply(w, q)  # type: ignore[no-any-return]
 
