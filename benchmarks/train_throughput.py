@@ -15,6 +15,10 @@ Any chaincomp override works as a positional argument (``trainer=cpu`` measures 
 GPU machine). The device is chosen once, from the trainer config, before anything trains; every
 path records the device its parameters and batches were on, and the run fails if one differs.
 The first epoch of each path is warm-up (allocator, cuDNN autotuning) and is not timed.
+On the CPU (``--interleave``, the default there) each round also runs one fit with the plain
+loop interleaved step by step (:class:`Interleaved`) and prints the median ratio of the paired
+step times: on a shared 2-core VM, separate fits swing by +-15 % over seconds, so the
+separate-fit ratio needs many rounds, and the interleaved one does not.
 ``run(overrides, epochs, steps)`` does the work and returns the numbers (tests reuse it).
 """
 
@@ -91,6 +95,68 @@ class FreezeBackbone(pl.Callback):
         pl_module.net.backbone.eval()
 
 
+class PlainLoop:
+    """A hand-written training loop: same tensors on the device, same augmentation, SGD + cosine,
+    the same guard around oneDNN's small strided 1x1 convolutions as every fit (none in the
+    default models). ``start_epoch()`` shuffles, ``step(i)`` trains on batch ``i`` of that
+    order; its own generator, so it draws nothing from the global RNG. ``close()`` removes the
+    guard."""
+
+    def __init__(
+        self,
+        module: Any,
+        dm: Any,
+        epochs: int,
+        steps: int | None,
+        device: torch.device,
+        bf16: bool,
+        channels_last: bool,
+    ) -> None:
+        net = module.net.to(device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        self.net, self.device, self.bf16, self.channels_last = net, device, bf16, channels_last
+        self.guard = guard_strided_1x1(net)
+        net.train()
+        x_all, y_all, _ = dm._splits["train"]
+        self.x_all, self.y_all = x_all.to(device), y_all.to(device)
+        self.mean = dm.mean.to(device).view(1, -1, 1, 1)
+        self.std = dm.std.to(device).view(1, -1, 1, 1)
+        self.aug = Augment(dm.cfg.crop_padding, dm.cfg.flip)
+        self.bs = bs = dm.cfg.batch_size
+        self.n_batches = len(x_all) // bs if steps is None else min(steps, len(x_all) // bs)
+        self.opt, self.sched = module.optim_cfg.build(net.parameters(), self.n_batches * epochs)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+        self.order = torch.arange(len(x_all), device=device)
+        self.devices = {str(next(net.parameters()).device)}
+
+    def start_epoch(self) -> None:
+        self.order = torch.randperm(len(self.x_all), device=self.device, generator=self.gen)
+
+    def step(self, i: int) -> None:
+        idx = self.order[i * self.bs : (i + 1) * self.bs]
+        x = self.x_all[idx].float().mul_(1 / 255)
+        if self.aug.active:
+            x = self.aug(x, self.gen)
+        x = (x - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        if i == 0:
+            self.devices.add(str(x.device))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = torch.nn.functional.cross_entropy(self.net(x).float(), self.y_all[idx])
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+
+    def close(self) -> set[str]:
+        """Remove the guard; returns the devices its parameters and batches were on."""
+        self.guard.remove()
+        self.devices.add(str(next(self.net.parameters()).device))
+        return self.devices
+
+
 def plain_loop(
     module,
     dm,
@@ -100,67 +166,61 @@ def plain_loop(
     bf16: bool,
     channels_last: bool,
 ) -> tuple[float, set[str]]:  # type: ignore[no-untyped-def]
-    """A hand-written loop: same tensors on the device, same augmentation, SGD + cosine, the same
-    guard around oneDNN's small strided 1x1 convolutions as every fit (none in the default
-    models). Returns images/s and the devices its parameters and batches were on."""
-    net = module.net.to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    guard = guard_strided_1x1(net)
-    try:
-        return _plain_steps(net, module, dm, epochs, steps, device, bf16, channels_last)
-    finally:
-        guard.remove()
-
-
-def _plain_steps(
-    net: torch.nn.Module,
-    module: Any,
-    dm: Any,
-    epochs: int,
-    steps: int | None,
-    device: torch.device,
-    bf16: bool,
-    channels_last: bool,
-) -> tuple[float, set[str]]:
-    net.train()
-    x_all, y_all, _ = dm._splits["train"]
-    x_all, y_all = x_all.to(device), y_all.to(device)
-    mean = dm.mean.to(device).view(1, -1, 1, 1)
-    std = dm.std.to(device).view(1, -1, 1, 1)
-    aug = Augment(dm.cfg.crop_padding, dm.cfg.flip)
-    bs = dm.cfg.batch_size
-    n_batches = len(x_all) // bs if steps is None else min(steps, len(x_all) // bs)
-    opt, sched = module.optim_cfg.build(net.parameters(), n_batches * epochs)
-    gen = torch.Generator(device=device).manual_seed(0)
+    """:class:`PlainLoop` for ``epochs`` epochs, the first untimed. Returns images/s and the
+    devices its parameters and batches were on."""
+    loop = PlainLoop(module, dm, epochs, steps, device, bf16, channels_last)
     seconds, images = 0.0, 0
-    devices = {str(next(net.parameters()).device)}
-    for epoch in range(epochs):
-        _sync(device)
-        start = time.perf_counter()
-        order = torch.randperm(len(x_all), device=device, generator=gen)
-        for i in range(n_batches):
-            idx = order[i * bs : (i + 1) * bs]
-            x = x_all[idx].float().mul_(1 / 255)
-            if aug.active:
-                x = aug(x, gen)
-            x = (x - mean) / std
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            if i == 0:
-                devices.add(str(x.device))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = torch.nn.functional.cross_entropy(net(x).float(), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        _sync(device)
-        if epoch > 0:
-            seconds += time.perf_counter() - start
-            images += n_batches * bs
-    devices.add(str(next(net.parameters()).device))
+    try:
+        for epoch in range(epochs):
+            _sync(device)
+            start = time.perf_counter()
+            loop.start_epoch()
+            for i in range(loop.n_batches):
+                loop.step(i)
+            _sync(device)
+            if epoch > 0:
+                seconds += time.perf_counter() - start
+                images += loop.n_batches * loop.bs
+    finally:
+        devices = loop.close()
     return images / seconds, devices
+
+
+class Interleaved(pl.Callback):
+    """Step-level interleaving of the framework path with the plain loop, in one fit: after
+    every training step of the fit (epochs after the first), one step of ``loop``. The
+    framework's step time is the interval from the end of the plain step before to the start of
+    the plain step after it (the whole Lightning cycle: fetching the batch, the hooks, the
+    step); the plain step's is its own. Both are taken within a fraction of a second of each
+    other, so a machine's slow spells (on a shared 2-core VM, +-15 % over seconds) fall on both
+    alike; the first interval of an epoch (no plain step before it) is not counted.
+    ``framework_s`` / ``plain_s``: the paired step times in seconds."""
+
+    def __init__(self, loop: PlainLoop) -> None:
+        self.loop = loop
+        self.framework_s: list[float] = []
+        self.plain_s: list[float] = []
+        self._last: float | None = None
+        self._i = 0
+
+    def on_train_epoch_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
+        if trainer.current_epoch == 0:
+            return
+        _sync(self.loop.device)
+        start = time.perf_counter()
+        if self._i % self.loop.n_batches == 0:
+            self.loop.start_epoch()
+        self.loop.step(self._i % self.loop.n_batches)
+        self._i += 1
+        _sync(self.loop.device)
+        end = time.perf_counter()
+        if self._last is not None:
+            self.framework_s.append(start - self._last)
+            self.plain_s.append(end - start)
+        self._last = end
 
 
 def _compose(overrides: Sequence[str]) -> DictConfig:
@@ -229,6 +289,7 @@ def run(
     exit_train: str = "joint",
     rounds: int = 1,
     triton: bool = False,
+    interleave: bool | None = None,
 ) -> dict[str, Any]:
     """Train every path once and return the numbers.
 
@@ -239,10 +300,17 @@ def run(
     ``device``), ``images_per_s`` (path -> images/s), ``ratio``, ``qat_overhead``,
     ``exits_qat_overhead``, ``samples`` (path -> images/s of each of the ``rounds`` rounds, every
     path trained once per round, in turn, framework and plain loop in alternating order;
-    ``images_per_s`` is their median), the settings used, and ``modules`` / ``exit_heads_before`` (the
-    trained modules with exit heads and their heads' state before training). ``triton``: the
+    ``images_per_s`` is their median), the settings used, ``modules`` (path -> the trained module of
+    its last round; ``initial``: the untrained one every path copies; ``interleaved_plain``: the
+    interleaved plain loop's net) and ``exit_heads_before`` (the exit heads' state before
+    training). ``triton``: the
     QAT path again with ``CHAINCOMP_QUANT_KERNEL=triton`` (``qat_triton``, and
-    ``qat_triton_overhead`` float/QAT against the same framework path).
+    ``qat_triton_overhead`` float/QAT against the same framework path). ``interleave`` (None:
+    on the CPU only; a CUDA step would have to synchronise): one more fit per round with
+    :class:`Interleaved`, the framework path and the plain loop alternating step by step;
+    ``interleaved`` holds the pairs' count, the median step time of each (ms) and ``ratio``,
+    the median over pairs of plain step time / framework step time (framework/plain
+    throughput).
     """
     if epochs < 2:
         raise ValueError("epochs must be >= 2 (the first one is warm-up)")
@@ -259,6 +327,8 @@ def run(
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if triton and not cuda:
         raise ValueError("--triton measures the Triton kernels, which run on CUDA only")
+    if interleave is None:
+        interleave = not cuda
     if steps is None:
         steps = None if cuda else CPU_STEPS
     elif steps == 0:
@@ -287,13 +357,18 @@ def run(
     trained_on: dict[str, str] = {}
     modules: dict[str, Any] = {}
     heads_before: dict[str, dict[str, torch.Tensor]] = {}
+    modules["initial"] = initial  # every path trains a deep copy of it
 
-    def framework(path: str, module: Any, callbacks: Sequence[pl.Callback] = ()) -> None:
+    def framework(
+        path: str, module: Any, callbacks: Sequence[pl.Callback] = (), record: bool = True
+    ) -> None:
         timer = EpochTimer()
         trainer = tcfg.make([timer, *callbacks], max_epochs=epochs)
         trainer.fit(module, datamodule=dm)
         trained_on[path] = _trained_on(path, timer.devices, device)
-        samples.setdefault(path, []).append(timer.images / timer.seconds)
+        modules[path] = module
+        if record:
+            samples.setdefault(path, []).append(timer.images / timer.seconds)
 
     points: list[int] = []
     if exits:
@@ -301,18 +376,28 @@ def run(
         points = list(es.points) if es.points is not None else list(range(len(backbone.stages) - 1))
     triton_check = _triton_check(device) if qat and triton else {}
 
+    bf16 = precision.startswith("bf16")
+
     def plain() -> None:
         ips, devices = plain_loop(
-            copy.deepcopy(initial),
-            dm,
-            epochs,
-            steps,
-            device,
-            precision.startswith("bf16"),
-            channels_last,
+            copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last
         )
         trained_on["plain"] = _trained_on("plain", devices, device)
         samples.setdefault("plain", []).append(ips)
+
+    pairs: tuple[list[float], list[float]] = ([], [])
+
+    def interleaved() -> None:
+        loop = PlainLoop(copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last)
+        inter = Interleaved(loop)
+        try:
+            framework("interleaved", copy.deepcopy(initial), [inter], record=False)
+            modules["interleaved_plain"] = loop.net
+        finally:
+            devices = loop.close()
+        trained_on["interleaved_plain"] = _trained_on("interleaved_plain", devices, device)
+        pairs[0].extend(inter.framework_s)
+        pairs[1].extend(inter.plain_s)
 
     for r in range(rounds):  # every path once per round: a slow spell hits all paths alike
         # the ratio's pair in alternating order (framework first in even rounds, the plain loop
@@ -320,6 +405,8 @@ def run(
         pair = (lambda: framework("framework", copy.deepcopy(initial)), plain)
         for measure in pair if r % 2 == 0 else pair[::-1]:
             measure()
+        if interleave:
+            interleaved()
 
         if qat:
             module = copy.deepcopy(initial).to(device)
@@ -342,7 +429,6 @@ def run(
                 k: v.detach().cpu().clone() for k, v in net.exits.state_dict().items()
             }
             framework(path, module, callbacks)
-            modules[path] = module
 
         # last in the round: a kernel that breaks the CUDA context takes nothing after it
         if qat and triton and "error" not in triton_check:
@@ -373,6 +459,14 @@ def run(
                     os.environ[KERNEL_ENV] = before
 
     images_per_s = {path: statistics.median(v) for path, v in samples.items()}
+    inter: dict[str, Any] = {}
+    if pairs[0]:
+        inter = {
+            "pairs": len(pairs[0]),
+            "framework_ms": 1e3 * statistics.median(pairs[0]),
+            "plain_ms": 1e3 * statistics.median(pairs[1]),
+            "ratio": statistics.median(p / f for f, p in zip(*pairs, strict=True)),
+        }
     ips = images_per_s
     name = (
         torch.cuda.get_device_name(device) if cuda else f"CPU ({torch.get_num_threads()} threads)"
@@ -401,6 +495,7 @@ def run(
         "qat_triton_overhead": (
             ips["framework"] / ips["qat_triton"] if "qat_triton" in ips else math.nan
         ),
+        "interleaved": inter,
         "triton_check": triton_check,
         "modules": modules,
         "exit_heads_before": heads_before,
@@ -422,6 +517,13 @@ def report(r: dict[str, Any]) -> str:
         f"plain PyTorch loop    : {ips['plain']:10.0f} images/s",
         f"ratio framework/plain : {r['ratio']:10.3f}",
     ]
+    if r["interleaved"]:
+        i = r["interleaved"]
+        lines += [
+            f"interleaved steps     : framework {i['framework_ms']:.2f} ms, plain loop "
+            f"{i['plain_ms']:.2f} ms per step (medians of {i['pairs']} pairs)",
+            f"ratio, interleaved    : {i['ratio']:10.3f}",
+        ]
     if "qat" in ips:
         lines += [
             f"quantize: w{q.w_bits}/a{q.a_bits}, per-channel weights, "
@@ -478,6 +580,13 @@ def main() -> None:
         help="train every path this many times, in turn, and report the median images/s "
         "(a shared machine's slow spells hit every path alike)",
     )
+    parser.add_argument(
+        "--interleave",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also one fit per round with the plain loop interleaved step by step (default: "
+        "on the CPU, off on CUDA)",
+    )
     parser.add_argument("--no-qat", action="store_true", help="skip the QAT measurements")
     parser.add_argument("--no-exits", action="store_true", help="skip the early-exit measurements")
     parser.add_argument(
@@ -503,6 +612,7 @@ def main() -> None:
         exit_train=args.exit_train,
         rounds=args.rounds,
         triton=args.triton,
+        interleave=args.interleave,
     )
     print(report(r))
 

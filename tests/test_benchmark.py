@@ -32,7 +32,8 @@ def _bench() -> ModuleType:
 def _check(result: dict, device_type: str) -> None:  # type: ignore[type-arg]
     assert torch.device(result["device"]).type == device_type
     # every path trained on one device, the one chosen before the first fit
-    assert set(result["trained_on"]) == set(PATHS)
+    inter = ("interleaved", "interleaved_plain") if result["interleaved"] else ()
+    assert set(result["trained_on"]) == {*PATHS, *inter}
     assert set(result["trained_on"].values()) == {result["device"]}
     assert result["trained_on"]["plain"] == result["trained_on"]["framework"]
     for path in PATHS:
@@ -64,6 +65,38 @@ def test_benchmark_paths_share_the_chosen_device_cpu() -> None:
     for path in PATHS:
         a, b = result["samples"][path]
         assert result["images_per_s"][path] == pytest.approx((a + b) / 2)
+
+
+def test_interleaved_steps_leave_the_framework_fit_untouched() -> None:
+    """The interleaved fit pairs each framework step with one plain-loop step; the plain steps
+    draw nothing from the framework's data order or RNG, so its weights end bit-equal to the
+    framework path's own fit, and the plain loop really trained, on the chosen device."""
+    bench = _bench()
+    epochs, steps, rounds = 3, 3, 1
+    result = bench.run([*TINY, "trainer=cpu"], epochs, steps, qat=False, exits=False, rounds=rounds)
+    assert result["device"] == "cpu" and result["interleaved"]  # on by default on the CPU
+    assert result["trained_on"]["interleaved_plain"] == "cpu"
+    # the first interval of each timed epoch has no plain step before it
+    assert result["interleaved"]["pairs"] == rounds * (epochs - 1) * (steps - 1)
+    inter = result["interleaved"]
+    assert inter["framework_ms"] > 0 and inter["plain_ms"] > 0 and inter["ratio"] > 0
+    own = result["modules"]["framework"].state_dict()
+    paired = result["modules"]["interleaved"].state_dict()
+    assert own.keys() == paired.keys()
+    for k in own:
+        assert torch.equal(own[k], paired[k]), k
+    # the plain loop's own net trained (not the initial weights), on its own order (not the
+    # framework's weights)
+    plain = result["modules"]["interleaved_plain"].state_dict()
+    net = result["modules"]["framework"].net.state_dict()
+    weights = [k for k in plain if k.endswith("weight")]
+    assert weights and plain.keys() == net.keys()
+    assert all(not torch.equal(plain[k], net[k]) for k in weights)
+    start = result["modules"]["initial"].net.state_dict()
+    assert all(not torch.equal(plain[k], start[k]) for k in weights)
+    assert "ratio, interleaved    :" in bench.report(result)
+    off = bench.run([*TINY, "trainer=cpu"], 2, 2, qat=False, exits=False, interleave=False)
+    assert off["interleaved"] == {} and "interleaved" not in off["trained_on"]
 
 
 def test_benchmark_fails_loudly_on_a_device_mismatch() -> None:
