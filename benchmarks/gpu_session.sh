@@ -9,7 +9,9 @@
 #      with the Triton kernels (--triton; BENCH=0 skips the benchmark, CHAIN=0 the chain: one
 #      call may run 600 s, so a session splits chain + variants and the benchmark);
 #   4. ORDERS=1 (off by default; runs before the benchmark): the 24-order study, resumable
-#      across calls on a warm machine (ORDERS_LIMIT: seconds per call, ORDERS_ARGS: overrides);
+#      across calls on a warm machine (ORDERS_LIMIT: seconds per call, ORDERS_ARGS: overrides)
+#      and across leases (ORDERS_FROM: a carried folder with the last lease's orders.journal
+#      and orders-chains.tgz);
 #   5. PROFILE=1 (off by default; before the benchmark): benchmarks/qat_profile.py on both nets
 #      (PROFILE_LIMIT seconds each, PROFILE_ARGS; default: the eager and the Triton quantizer).
 # BENCH_ROUNDS (default 1): rounds of the benchmark (2 or more alternate the framework/plain pair);
@@ -140,6 +142,22 @@ if [ "${ORDERS:-0}" != 0 ]; then
   # for the report and the copies inside one 600 s call.
   read -r -a orders_args <<<"${ORDERS_ARGS:-}"
   orders_dir=$CHAINCOMP_CACHE_DIR/sweep-orders_cifar10
+  # ORDERS_FROM=<folder carried into this lease>: the study an earlier lease began, its
+  # orders.journal and orders-chains.tgz as that lease's $OUT returned them. Its finished
+  # trials stay and the report reads their summaries; search.reap_other_hosts fails and
+  # queues again the trials the earlier machine left RUNNING. The baseline and the prefix
+  # cache (too large to carry) are trained again here: bit-identical on the same kind of card
+  # and code, else the report names the baselines' spread.
+  if [ -n "${ORDERS_FROM:-}" ]; then
+    if [ ! -e "$CHAINCOMP_CACHE_DIR/optuna.journal" ]; then  # not on a warm machine's 2nd call
+      mkdir -p "$orders_dir" &&
+        cp "$ORDERS_FROM/orders.journal" "$CHAINCOMP_CACHE_DIR/optuna.journal" &&
+        tar xzf "$ORDERS_FROM/orders-chains.tgz" -C "$orders_dir" || exit 1
+      echo "orders: resumed from $ORDERS_FROM ($(find "$orders_dir/trials" -name summary.json |
+        wc -l) finished chains)" | tee -a "$OUT/orders.log"
+    fi
+    orders_args+=("search.reap_other_hosts=true")
+  fi
   start=$(date +%s)
   timeout -k 30 "${ORDERS_LIMIT:-450}" $PY -m chaincomp sweep experiment=orders_cifar10 \
     tracking=none hydra.run.dir="$orders_dir" "${orders_args[@]}" >>"$OUT/orders.log" 2>&1

@@ -214,6 +214,25 @@ def test_chains_of_one_order_are_folded_into_the_best_by_validation() -> None:
     assert rp.prefix_states([*chains, worse])["AB"].metric == 86.0
 
 
+def test_chains_from_different_baselines_are_flagged_in_the_head(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A study resumed on another machine trains its baseline again: the report says how many
+    baselines its chains start from and their spread; one shared baseline adds nothing."""
+    cfg = rp.ReportConfig.from_dict({"source": "s", "studies": ["all_orders"]})
+    one = rp.context(cfg, _grid3())
+    assert "different baselines" not in one.head
+    moved = _chain("ABC", [90.4, 89.0, 86.0, 80.5], [109.0, 111.0, 114.0, 120.0], run_id="r2")
+    chains = [*_grid3(), moved]
+    with caplog.at_level("WARNING", logger="chaincomp.report"):
+        two = rp.context(cfg, chains)
+    assert (
+        "**The chains start from 2 different baselines** (validation 90.00-90.40, test "
+        "109.00-110.00;" in two.head
+    )
+    assert "2 different baselines" in caplog.text
+
+
 def _tables(html: str) -> list[int]:
     """The number of rows (``<tr>``) of each ``<table>`` of rendered HTML."""
     return [part.split("</table>")[0].count("<tr>") for part in html.split("<table>")[1:]]

@@ -411,6 +411,10 @@ def test_two_workers_on_postgresql_record_every_trial_once(
     assert all(t.state.name == "COMPLETE" for t in trials)
     assert sorted(t.number for t in trials) == list(range(len(trials)))
     assert len({t.user_attrs["pid"] for t in trials}) == 2  # both workers took trials
+    from chaincomp.tracking import BOOT, HOST
+
+    # the worker's identity, by which a resumed sweep tells a dead worker (storage.dead_worker)
+    assert {(t.user_attrs["host"], t.user_attrs["boot"]) for t in trials} == {(HOST, BOOT)}
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.get_experiment_by_name("chaincomp").experiment_id
     children = client.search_runs([exp], f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
@@ -1086,3 +1090,51 @@ def test_a_hung_trial_is_killed_at_trial_timeout_failed_not_requeued_and_the_swe
     assert "search.trial_timeout (20 s)" in failed[0].user_attrs["fail_reason"]
     assert not [x for x in t if "retry_of" in x.user_attrs]  # not queued again
     assert summary["states"] == {"COMPLETE": 2, "FAIL": 1}
+
+
+def test_a_journal_carried_to_another_machine_fails_and_requeues_its_running_trials() -> None:
+    """No training. A RUNNING trial of another host stays (its worker may run) unless
+    search.reap_other_hosts, which a journal carried from a finished lease needs; on this host,
+    a worker recorded under another boot id is dead even where its pid is alive now."""
+    from chaincomp.search.storage import HOST, StaleHandler, dead_worker, reap_stale
+    from chaincomp.tracking import BOOT, NullTracker
+
+    if not BOOT:
+        pytest.skip("no boot id on this system (Linux's /proc/sys/kernel/random/boot_id)")
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="carried", directions=["maximize"])
+    live_pid = os.getppid()  # a process that runs now
+    trials = {}
+    for name, attrs in {
+        "elsewhere": {"host": "gpu-lease-1", "pid": live_pid, "boot": "b1"},
+        "rebooted": {"host": HOST, "pid": live_pid, "boot": "a-boot-before-this-one"},
+        "alive": {"host": HOST, "pid": live_pid, "boot": BOOT},
+    }.items():
+        t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+        for k, v in attrs.items():
+            t.set_user_attr(k, v)
+        trials[name] = t.number
+    handler = StaleHandler(NullTracker(), retry=True)
+    by_number = {t.number: t for t in study.trials}
+    assert dead_worker(by_number[trials["alive"]].user_attrs) is None
+    assert dead_worker(by_number[trials["elsewhere"]].user_attrs) is None
+    assert reap_stale(study, storage, handler) == [trials["rebooted"]]
+    assert reap_stale(study, storage, handler) == []  # another host: left alone by default
+    assert reap_stale(study, storage, handler, other_hosts=True) == [trials["elsewhere"]]
+    states = {t.number: t.state.name for t in study.trials}
+    assert states[trials["alive"]] == "RUNNING"
+    assert states[trials["elsewhere"]] == states[trials["rebooted"]] == "FAIL"
+    reason = study.trials[trials["elsewhere"]].user_attrs["fail_reason"]
+    assert "gpu-lease-1" in reason and "search.reap_other_hosts" in reason
+    # the reaped trials are queued again with their own parameters
+    queued = [t for t in study.trials if t.state.name == "WAITING"]
+    assert sorted(t.user_attrs["retry_of"] for t in queued) == sorted(
+        [trials["elsewhere"], trials["rebooted"]]
+    )
+    for t in queued:
+        assert t.system_attrs["fixed_params"] == study.trials[t.user_attrs["retry_of"]].params
+
+
+def test_reap_other_hosts_is_refused_with_a_database() -> None:
+    with pytest.raises(ConfigError, match="search.reap_other_hosts"):
+        SearchConfig(storage="postgresql://u@h/db", reap_other_hosts=True)

@@ -30,7 +30,10 @@ class SearchConfig:
     metric with ``bitops_budget``) | cost (fewest BitOps within ``max_metric_loss`` of the
     baseline); ``max_metric_loss`` is also a constraint of pareto when set; ``sampler``: tpe |
     nsga2 | random | grid (all orders at the chain's fixed settings); ``storage``: a journal
-    file path or a database URL; ``n_workers`` local processes.
+    file path or a database URL; ``n_workers`` local processes. Resuming: a trial whose worker
+    died is failed (and, ``retry_stale``, queued again); ``reap_other_hosts`` also takes the
+    RUNNING trials of other hosts as dead, for a journal file carried from a machine that no
+    longer runs (a GPU lease's study resumed on the next lease).
 
     Seeding: the first trials are the chain as configured (``seed_configured``, not with the
     grid sampler, which runs it anyway) and the ``seed_chains`` (order strings, or mappings of
@@ -70,6 +73,7 @@ class SearchConfig:
     storage: str = ".chaincomp/optuna.journal"
     seed: int = 0
     retry_stale: bool = True
+    reap_other_hosts: bool = False
     heartbeat_interval: int = 10
     grace_period: int = 30
     seed_configured: bool = True
@@ -108,6 +112,13 @@ class SearchConfig:
             raise bad("trial_timeout", self.trial_timeout, "null or > 0 seconds")
         if not self.name:
             raise bad("name", self.name, "a study name")
+        if self.reap_other_hosts and self.is_database:
+            raise ConfigError(
+                "search.reap_other_hosts",
+                "a database's workers on other hosts may be alive (its heartbeat finds the dead)",
+                "false with a database storage; true only with a journal file carried from "
+                "another machine",
+            )
         if self.pruner not in PRUNERS:
             raise bad("pruner", self.pruner, PRUNERS)
         if self.pruner != "none" and self.objective == "pareto":

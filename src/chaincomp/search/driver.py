@@ -115,7 +115,7 @@ def work(
         _progress(study, scfg, trial, rows)
 
     while True:
-        reap_stale(study, storage, handler)
+        reap_stale(study, storage, handler, scfg.reap_other_hosts)
         done = counted(study) >= limit and not waiting(study)
         spent = scfg.budget_epochs is not None and epochs_trained(study) >= scfg.budget_epochs
         if done or spent or (deadline and time.time() > deadline):

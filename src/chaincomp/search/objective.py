@@ -30,7 +30,7 @@ from chaincomp.errors import ChaincompError
 from chaincomp.search.config import SearchConfig
 from chaincomp.search.front import front_rows
 from chaincomp.search.space import SearchSpace
-from chaincomp.search.storage import HOST
+from chaincomp.search.storage import BOOT, HOST
 from chaincomp.tracking import NullTracker, Run, Tracker
 
 
@@ -80,6 +80,7 @@ class Objective:
     def __call__(self, trial: optuna.Trial) -> Any:
         trial.set_user_attr("host", HOST)
         trial.set_user_attr("pid", os.getpid())
+        trial.set_user_attr("boot", BOOT)
         trial.set_user_attr("started", time.time())  # search.trial_timeout counts from here
         plan = getattr(trial.study.sampler, "plans", {}).get(trial.number)
         if plan is not None:  # stagewise: which step this trial searches (see StagewiseSampler)

@@ -8,8 +8,8 @@ until ``n_trials`` trials are finished or running (:func:`counted`). A trial who
 FAIL, its MLflow runs are closed as KILLED, and (``retry_stale``) it is re-queued with the same
 parameters (:class:`StaleHandler`).
 
-Contract: a running trial carries the user attrs ``host`` (:data:`HOST`) and ``pid`` of its
-worker, and ``mlflow_run_id`` of its chain run; a re-queued trial carries ``retry_of`` = the
+Contract: a running trial carries the user attrs ``host`` (:data:`HOST`), ``boot`` (its boot
+id, :data:`BOOT`) and ``pid`` of its worker, and ``mlflow_run_id`` of its chain run; a re-queued trial carries ``retry_of`` = the
 number of the failed trial it replaces, which then no longer counts towards ``n_trials``.
 """
 
@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from chaincomp.errors import ConfigError
 from chaincomp.search.config import SearchConfig
-from chaincomp.tracking import HOST, NullTracker, Tracker, pid_alive
+from chaincomp.tracking import BOOT, HOST, NullTracker, Tracker, pid_alive
 from chaincomp.utils import writable_dir
 
 log = logging.getLogger("chaincomp.search")
@@ -147,21 +147,40 @@ class StaleHandler:
             )
 
 
+def dead_worker(attrs: dict[str, Any], other_hosts: bool = False) -> str | None:
+    """Why the worker of a RUNNING trial with these user attrs is gone, or None if it may run:
+    on this host, its pid is gone, or it ran under another boot (a restarted machine or a fresh
+    one of the same name, where the pid may belong to another process now); on another host,
+    only with ``other_hosts`` (``search.reap_other_hosts``: a journal file carried from a
+    machine that no longer runs it)."""
+    host, pid, boot = attrs.get("host"), attrs.get("pid"), attrs.get("boot")
+    if host != HOST:
+        return f"worker on host {host} (search.reap_other_hosts)" if other_hosts else None
+    if pid is None or pid == os.getpid():
+        return None
+    if boot and BOOT and boot != BOOT:
+        return f"worker pid {pid} ran before this machine's boot"
+    return None if pid_alive(int(pid)) else f"worker pid {pid} died"
+
+
 def reap_stale(
-    study: optuna.Study, storage: optuna.storages.BaseStorage, handler: StaleHandler
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    handler: StaleHandler,
+    other_hosts: bool = False,
 ) -> list[int]:
-    """Fail RUNNING trials whose worker process on this host is gone; returns their numbers.
+    """Fail RUNNING trials whose worker is gone (:func:`dead_worker`); returns their numbers.
 
     Uses the public storage API (trial ids looked up by study name and trial number)."""
     reaped = []
     study_id = storage.get_study_id_from_name(study.study_name)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        host, pid = t.user_attrs.get("host"), t.user_attrs.get("pid")
-        if host != HOST or pid is None or pid == os.getpid() or pid_alive(int(pid)):
+        reason = dead_worker(t.user_attrs, other_hosts)
+        if reason is None:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", f"worker pid {pid} died")
+            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
             storage.set_trial_state_values(trial_id, TrialState.FAIL)
         except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
             continue  # another worker reaped it first
@@ -231,11 +250,13 @@ def epochs_trained(study: optuna.Study) -> int:
 
 
 __all__ = [
+    "BOOT",
     "HOST",
     "StaleHandler",
     "break_dangling_lock",
     "close_runs",
     "counted",
+    "dead_worker",
     "epochs_trained",
     "fail_overdue",
     "make_storage",

@@ -1,6 +1,7 @@
 """MLflow tracking: runs with explicit parents, flattened params, metrics and artifacts."""
 
 from chaincomp.tracking.mlflow_tracker import (
+    BOOT,
     HOST,
     MlflowMetricsCallback,
     NullTracker,
@@ -13,6 +14,7 @@ from chaincomp.tracking.mlflow_tracker import (
 )
 
 __all__ = [
+    "BOOT",
     "HOST",
     "MlflowMetricsCallback",
     "NullTracker",

@@ -37,6 +37,19 @@ HOST = socket.gethostname()
 log = logging.getLogger("chaincomp.tracking")
 
 
+def _boot_id() -> str:
+    """This boot of this machine (Linux's random boot id; "" where there is none): a process
+    recorded under another boot id is gone, whatever its pid is now (a fresh machine with the
+    same host name, a container started again)."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+BOOT = _boot_id()
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` of this host still runs (a zombie counts as dead)."""
     try:
