@@ -19,7 +19,8 @@
 # then runs the chain's QAT on the Triton kernels if that benchmark found them equal and faster.
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
 # headline_run.tgz, variant-<i>.log / .json, bench.log; with ORDERS=1 orders.log,
-# orders-summary.json, orders.journal, orders-chains.tgz and the tables in experiments/. Each
+# orders-summary.json, orders.journal, orders-chains.tgz and orders-report.tgz (the tables,
+# experiments/<study>/results/cifar10/). Each
 # phase has its own time limit, so a slow phase cannot take the next one's results with it.
 #
 #   VARIANTS='chain.steps.P.settings.kd_alpha=0 chain.steps.Q.settings.kd_alpha=0;chain.steps.P.settings.ratio=0.2'
@@ -162,10 +163,12 @@ if [ "${ORDERS:-0}" != 0 ]; then
   timeout -k 30 "${ORDERS_LIMIT:-450}" $PY -m chaincomp sweep experiment=orders_cifar10 \
     tracking=none hydra.run.dir="$orders_dir" "${orders_args[@]}" >>"$OUT/orders.log" 2>&1
   echo "orders: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/orders.log"
+  # the tables, packed: a lease returns at most 8 files, none deeper than $OUT/a/b/
   $PY -m chaincomp report experiment=orders_cifar10 tracking=none "${orders_args[@]}" \
     "report.summaries=['$orders_dir/trials/*/summary.json']" report.out_dir="$OUT/experiments" \
     >>"$OUT/orders.log" 2>&1
   echo "orders report: rc=$?" | tee -a "$OUT/orders.log"
+  tar czf "$OUT/orders-report.tgz" -C "$OUT" experiments && rm -rf "$OUT/experiments"
   cp "$orders_dir/summary.json" "$OUT/orders-summary.json" 2>/dev/null
   cp "$CHAINCOMP_CACHE_DIR/optuna.journal" "$OUT/orders.journal" 2>/dev/null
   (cd "$orders_dir" && find trials -name summary.json | tar czf "$OUT/orders-chains.tgz" -T -)
