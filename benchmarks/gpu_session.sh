@@ -147,13 +147,17 @@ if [ "${ORDERS:-0}" != 0 ]; then
   # orders.journal and orders-chains.tgz as that lease's $OUT returned them. Its finished
   # trials stay and the report reads their summaries; search.reap_other_hosts fails and
   # queues again the trials the earlier machine left RUNNING. The baseline and the prefix
-  # cache (too large to carry) are trained again here: bit-identical on the same kind of card
-  # and code, else the report names the baselines' spread.
+  # cache (too large to carry) are trained again here (cuDNN is not forced deterministic: the
+  # baseline may differ slightly; the report then names the baselines' spread).
   if [ -n "${ORDERS_FROM:-}" ]; then
     if [ ! -e "$CHAINCOMP_CACHE_DIR/optuna.journal" ]; then  # not on a warm machine's 2nd call
+      # the summaries first, the journal last (whole, by a rename): a restore that fails
+      # leaves no journal, so the next call restores again
       mkdir -p "$orders_dir" &&
-        cp "$ORDERS_FROM/orders.journal" "$CHAINCOMP_CACHE_DIR/optuna.journal" &&
-        tar xzf "$ORDERS_FROM/orders-chains.tgz" -C "$orders_dir" || exit 1
+        tar xzf "$ORDERS_FROM/orders-chains.tgz" -C "$orders_dir" &&
+        cp "$ORDERS_FROM/orders.journal" "$CHAINCOMP_CACHE_DIR/optuna.journal.part" &&
+        mv "$CHAINCOMP_CACHE_DIR/optuna.journal.part" "$CHAINCOMP_CACHE_DIR/optuna.journal" ||
+        exit 1
       echo "orders: resumed from $ORDERS_FROM ($(find "$orders_dir/trials" -name summary.json |
         wc -l) finished chains)" | tee -a "$OUT/orders.log"
     fi

@@ -69,8 +69,8 @@ def test_benchmark_paths_share_the_chosen_device_cpu() -> None:
 
 def test_interleaved_steps_leave_the_framework_fit_untouched() -> None:
     """The interleaved fit pairs each framework step with one plain-loop step; the plain steps
-    draw nothing from the framework's data order or RNG, so its weights end bit-equal to the
-    framework path's own fit, and the plain loop really trained, on the chosen device."""
+    leave the framework's training as it is (its weights end bit-equal to the framework path's
+    own fit), and the plain loop really trained, on the chosen device."""
     bench = _bench()
     epochs, steps, rounds = 3, 3, 1
     result = bench.run([*TINY, "trainer=cpu"], epochs, steps, qat=False, exits=False, rounds=rounds)
@@ -85,8 +85,7 @@ def test_interleaved_steps_leave_the_framework_fit_untouched() -> None:
     assert own.keys() == paired.keys()
     for k in own:
         assert torch.equal(own[k], paired[k]), k
-    # the plain loop's own net trained (not the initial weights), on its own order (not the
-    # framework's weights)
+    # the plain loop's own net trained: not the initial weights, nor the framework's
     plain = result["modules"]["interleaved_plain"].state_dict()
     net = result["modules"]["framework"].net.state_dict()
     weights = [k for k in plain if k.endswith("weight")]

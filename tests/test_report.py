@@ -231,6 +231,13 @@ def test_chains_from_different_baselines_are_flagged_in_the_head(
         "109.00-110.00;" in two.head
     )
     assert "2 different baselines" in caplog.text
+    # NaN baselines (a metric not measured) are one baseline, not one per chain
+    nan = float("nan")
+    blank = [_chain(o, [nan, 1.0, 2.0, 3.0], run_id=f"n{o}") for o in ORDERS3]
+    assert "different baselines" not in rp.context(cfg, blank).head
+    # a last-bit difference shows in the digits
+    near = _chain("ABC", [90.000001, 89.0, 86.0, 80.5], [110.0, 111.0, 114.0, 120.0], run_id="r3")
+    assert "validation 90.000000-90.000001" in rp.context(cfg, [*_grid3(), near]).head
 
 
 def _tables(html: str) -> list[int]:

@@ -1107,8 +1107,10 @@ def test_a_journal_carried_to_another_machine_fails_and_requeues_its_running_tri
     trials = {}
     for name, attrs in {
         "elsewhere": {"host": "gpu-lease-1", "pid": live_pid, "boot": "b1"},
-        "rebooted": {"host": HOST, "pid": live_pid, "boot": "a-boot-before-this-one"},
+        # under another boot even its pid being this very process's proves nothing
+        "rebooted": {"host": HOST, "pid": os.getpid(), "boot": "a-boot-before-this-one"},
         "alive": {"host": HOST, "pid": live_pid, "boot": BOOT},
+        "starting": {},  # asked, its worker not yet at its first set_user_attr
     }.items():
         t = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
         for k, v in attrs.items():
@@ -1122,7 +1124,7 @@ def test_a_journal_carried_to_another_machine_fails_and_requeues_its_running_tri
     assert reap_stale(study, storage, handler) == []  # another host: left alone by default
     assert reap_stale(study, storage, handler, other_hosts=True) == [trials["elsewhere"]]
     states = {t.number: t.state.name for t in study.trials}
-    assert states[trials["alive"]] == "RUNNING"
+    assert states[trials["alive"]] == states[trials["starting"]] == "RUNNING"
     assert states[trials["elsewhere"]] == states[trials["rebooted"]] == "FAIL"
     reason = study.trials[trials["elsewhere"]].user_attrs["fail_reason"]
     assert "gpu-lease-1" in reason and "search.reap_other_hosts" in reason
@@ -1133,6 +1135,37 @@ def test_a_journal_carried_to_another_machine_fails_and_requeues_its_running_tri
     )
     for t in queued:
         assert t.system_attrs["fixed_params"] == study.trials[t.user_attrs["retry_of"]].params
+
+
+def test_search_trial_timeout_kills_only_this_boots_workers_and_fails_before_the_kill() -> None:
+    """No training. search.trial_timeout: a RUNNING trial recorded under another boot is not
+    this run's worker's even where the pid matches; the overdue trial is failed before its
+    worker is killed (no other worker may take the death for a crash and queue the hanging
+    settings again), and a trial that finished meanwhile is left alone, its worker unkilled."""
+    from chaincomp.search.storage import HOST, fail_overdue, overdue
+    from chaincomp.tracking import BOOT, NullTracker
+
+    storage = optuna.storages.InMemoryStorage()
+    study = optuna.create_study(storage=storage, study_name="hung", directions=["maximize"])
+    dist = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    old, stale, done = (study.ask(dist) for _ in range(3))
+    for t, boot in ((old, BOOT), (stale, "a-boot-before-this-one"), (done, BOOT)):
+        t.set_user_attr("host", HOST)
+        t.set_user_attr("boot", boot)
+        t.set_user_attr("pid", 4242)
+        t.set_user_attr("started", time.time() - 100)
+    study.tell(done, 0.5)
+    assert overdue(study, {4242}, 10.0) == [(old.number, 4242)]
+    states_at_kill: list[str] = []
+
+    def kill() -> None:
+        states_at_kill.append(study.trials[old.number].state.name)
+
+    assert fail_overdue(study, storage, old.number, 10.0, NullTracker(), kill)
+    assert states_at_kill == ["FAIL"]  # already failed when the worker was killed
+    assert "search.trial_timeout" in study.trials[old.number].user_attrs["fail_reason"]
+    assert not fail_overdue(study, storage, done.number, 10.0, NullTracker(), kill)
+    assert states_at_kill == ["FAIL"] and study.trials[done.number].state.name == "COMPLETE"
 
 
 def test_reap_other_hosts_is_refused_with_a_database() -> None:

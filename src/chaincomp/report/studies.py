@@ -5,6 +5,7 @@ and writing its ``.md``, ``.csv`` and ``.png`` files into its results folder."""
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -105,20 +106,29 @@ def _baselines_note(chains: Sequence[Chain]) -> str:
     """A sentence (and a warning) when the chains start from different baselines: a study
     resumed on another machine trains its baseline again, bit-identical only on the same kind
     of device and code. "" when all chains share one."""
-    bases = sorted({(c.base.val_metric, c.base.test_metric) for c in chains})
+
+    def key(v: float) -> float | None:  # NaN != NaN: every NaN would count as its own
+        return None if math.isnan(v) else v
+
+    bases = {(key(c.base.val_metric), key(c.base.test_metric)) for c in chains}
     if len(bases) < 2:
         return ""
-    val = [b[0] for b in bases]
-    test = [b[1] for b in bases]
-    log.warning(
-        "the chains start from %d different baselines (validation %.2f-%.2f)",
-        len(bases),
-        min(val),
-        max(val),
-    )
+
+    def spread(vs: list[float | None]) -> str:
+        real = [v for v in vs if v is not None]
+        if not real:
+            return "nan"
+        lo, hi = min(real), max(real)
+        digits = 2 if round(lo, 2) != round(hi, 2) else 6  # a last-bit difference shows
+        text = f"{lo:.{digits}f}-{hi:.{digits}f}"
+        return text + (" and nan" if len(real) < len(vs) else "")
+
+    val = spread([b[0] for b in bases])
+    test = spread([b[1] for b in bases])
+    log.warning("the chains start from %d different baselines (validation %s)", len(bases), val)
     return (
         f" **The chains start from {len(bases)} different baselines** (validation "
-        f"{min(val):.2f}-{max(val):.2f}, test {min(test):.2f}-{max(test):.2f}; trained on "
+        f"{val}, test {test}; trained on "
         "different machines or code, such as a study resumed on another machine): each "
         "chain's change is against its own baseline, the comparisons below are of absolute "
         "metrics, and differences within the baselines' spread decide nothing."

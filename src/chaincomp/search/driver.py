@@ -275,9 +275,15 @@ def sweep(cfg: DictConfig, output_dir: str | Path) -> dict[str, Any]:
                     if scfg.trial_timeout is not None:  # a trial hung (in a native kernel)
                         alive = {p.pid: p for p in procs if p.is_alive() and p.pid is not None}
                         for number, pid in overdue(study, set(alive), scfg.trial_timeout):
-                            alive[pid].kill()
-                            alive[pid].join(10)
-                            fail_overdue(study, storage, number, scfg.trial_timeout, tracker)
+
+                            def kill(p: Any = alive[pid]) -> None:
+                                p.kill()
+                                p.join(10)
+
+                            if not fail_overdue(
+                                study, storage, number, scfg.trial_timeout, tracker, kill
+                            ):
+                                continue  # it finished meanwhile: its worker lives on
                             log.warning(
                                 "trial %d ran past search.trial_timeout (%g s): its worker was "
                                 "killed and the trial failed",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -149,17 +150,20 @@ class StaleHandler:
 
 def dead_worker(attrs: dict[str, Any], other_hosts: bool = False) -> str | None:
     """Why the worker of a RUNNING trial with these user attrs is gone, or None if it may run:
-    on this host, its pid is gone, or it ran under another boot (a restarted machine or a fresh
-    one of the same name, where the pid may belong to another process now); on another host,
-    only with ``other_hosts`` (``search.reap_other_hosts``: a journal file carried from a
-    machine that no longer runs it)."""
+    on this host, it ran under another boot (a restarted machine, or a fresh one of the same
+    name, where its pid may belong to another process now) or its pid is gone; on another
+    host, only with ``other_hosts`` (``search.reap_other_hosts``: a journal file carried from a
+    machine that no longer runs it). A trial without a host yet is starting (its worker records
+    host, boot and pid first thing) and may run."""
     host, pid, boot = attrs.get("host"), attrs.get("pid"), attrs.get("boot")
+    if host is None:
+        return None
     if host != HOST:
         return f"worker on host {host} (search.reap_other_hosts)" if other_hosts else None
-    if pid is None or pid == os.getpid():
-        return None
     if boot and BOOT and boot != BOOT:
         return f"worker pid {pid} ran before this machine's boot"
+    if pid is None or pid == os.getpid():
+        return None
     return None if pid_alive(int(pid)) else f"worker pid {pid} died"
 
 
@@ -191,12 +195,13 @@ def reap_stale(
 
 def overdue(study: optuna.Study, pids: set[int], limit: float) -> list[tuple[int, int]]:
     """(trial number, worker pid) of every RUNNING trial of these worker processes on this host
-    whose chain started more than ``limit`` seconds ago (``search.trial_timeout``)."""
+    and boot whose chain started more than ``limit`` seconds ago (``search.trial_timeout``)."""
     now = time.time()
     return [
         (t.number, int(t.user_attrs["pid"]))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.user_attrs.get("host") == HOST
+        and t.user_attrs.get("boot") in (None, "", BOOT)
         and t.user_attrs.get("pid") in pids
         and now - float(t.user_attrs.get("started", now)) > limit
     ]
@@ -208,10 +213,12 @@ def fail_overdue(
     number: int,
     limit: float,
     tracker: Tracker | NullTracker,
-) -> None:
-    """Record trial ``number`` (its worker was killed) as FAIL, ``fail_reason`` naming
-    ``search.trial_timeout``, and close its MLflow runs. Not re-queued: the same settings
-    would hang again."""
+    kill: Callable[[], None] = lambda: None,
+) -> bool:
+    """Record trial ``number`` as FAIL, ``fail_reason`` naming ``search.trial_timeout``, then
+    ``kill()`` its worker and close its MLflow runs; False (nothing done) if it finished in the
+    meantime. Failed before the kill, so no other worker takes the killed one's trial for a
+    death and queues the hanging settings again. Not re-queued: they would hang again."""
     trial_id = storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study.study_name), number
     )
@@ -220,10 +227,12 @@ def fail_overdue(
         storage.set_trial_user_attr(trial_id, "fail_reason", reason)
         storage.set_trial_state_values(trial_id, TrialState.FAIL)
     except (RuntimeError, optuna.exceptions.UpdateFinishedTrialError):
-        return  # it finished (or was reaped) in the meantime
+        return False  # it finished (or was reaped) in the meantime
+    kill()
     run_id = storage.get_trial(trial_id).user_attrs.get("mlflow_run_id")
     if run_id and isinstance(tracker, Tracker):
         tracker.close_tree(run_id, "KILLED", reason)
+    return True
 
 
 def counted(study: optuna.Study) -> int:

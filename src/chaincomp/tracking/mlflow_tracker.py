@@ -38,9 +38,9 @@ log = logging.getLogger("chaincomp.tracking")
 
 
 def _boot_id() -> str:
-    """This boot of this machine (Linux's random boot id; "" where there is none): a process
-    recorded under another boot id is gone, whatever its pid is now (a fresh machine with the
-    same host name, a container started again)."""
+    """This boot of this machine's kernel (Linux's random boot id; "" where there is none): a
+    process recorded under another boot id is gone, whatever its pid is now (a rebooted
+    machine, or a fresh one with the same host name). Containers on one kernel share it."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
