@@ -127,7 +127,7 @@ class PlainLoop:
         self.n_batches = len(x_all) // bs if steps is None else min(steps, len(x_all) // bs)
         self.opt, self.sched = module.optim_cfg.build(net.parameters(), self.n_batches * epochs)
         self.gen = torch.Generator(device=device).manual_seed(0)
-        self.order = torch.arange(len(x_all), device=device)
+        self.order = torch.empty(0, dtype=torch.long, device=device)  # start_epoch() draws it
         self.devices = {str(next(net.parameters()).device)}
 
     def start_epoch(self) -> None:
