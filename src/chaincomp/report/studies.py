@@ -104,8 +104,8 @@ def context(rcfg: ReportConfig, chains: Sequence[Chain], store: str = "") -> Con
 
 def _baselines_note(chains: Sequence[Chain]) -> str:
     """A sentence (and a warning) when the chains start from different baselines: a study
-    resumed on another machine trains its baseline again, bit-identical only on the same kind
-    of device and code. "" when all chains share one."""
+    resumed on another machine trains its baseline again, and it may differ (another device,
+    other code, or nondeterministic kernels). "" when all chains share one."""
 
     def key(v: float) -> float | None:  # NaN != NaN: every NaN would count as its own
         return None if math.isnan(v) else v

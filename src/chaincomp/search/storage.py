@@ -9,8 +9,9 @@ FAIL, its MLflow runs are closed as KILLED, and (``retry_stale``) it is re-queue
 parameters (:class:`StaleHandler`).
 
 Contract: a running trial carries the user attrs ``host`` (:data:`HOST`), ``boot`` (its boot
-id, :data:`BOOT`) and ``pid`` of its worker, and ``mlflow_run_id`` of its chain run; a re-queued trial carries ``retry_of`` = the
-number of the failed trial it replaces, which then no longer counts towards ``n_trials``.
+id, :data:`BOOT`) and ``pid`` of its worker, and ``mlflow_run_id`` of its chain run; a
+re-queued trial carries ``retry_of`` = the number of the failed trial it replaces, which then
+no longer counts towards ``n_trials``.
 """
 
 from __future__ import annotations
