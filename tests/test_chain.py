@@ -83,6 +83,10 @@ def test_prefix_keys_depend_on_content_not_names(tmp_path: Path) -> None:
     assert prefix_keys(c, chain_spec(c)) == a
     d = _cfg(tmp_path, "chain.steps.P.settings.ratio=0.4")
     assert prefix_keys(d, chain_spec(d))[:2] == a[:2] and prefix_keys(d, chain_spec(d))[2] != a[2]
+    # kernels that round differently train another baseline on the CPU
+    for kernel in ("channels_last", "cpu_onednn", "cpu_fast_batchnorm"):
+        e = _cfg(tmp_path, f"trainer.{kernel}=false")
+        assert prefix_keys(e, chain_spec(e))[0] != a[0], kernel
 
 
 def test_chain_runs_caches_and_replays(tmp_path: Path) -> None:

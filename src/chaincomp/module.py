@@ -9,6 +9,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from chaincomp.layers.batchnorm import FastBatchNorm, fast_batchnorm
 from chaincomp.layers.onednn import Guard, guard_strided_1x1
 from chaincomp.optim import OptimConfig
 from chaincomp.tasks import Task
@@ -37,16 +38,29 @@ class CompressibleModule(pl.LightningModule):
     - During a fit, the CPU's small strided 1x1 convolutions compute in NCHW
       (:func:`chaincomp.layers.onednn.guard_strided_1x1`: oneDNN corrupts their weight gradients
       in channels_last).
+    - With ``fast_bn`` (``pipeline.fit`` sets it from ``trainer.cpu_fast_batchnorm``), during a fit the CPU's
+      channels_last batch norms whose channel count fills no vector train through
+      :func:`chaincomp.layers.batchnorm.fast_batchnorm` (the same statistics and gradients up
+      to float32 rounding, several times faster).
     """
 
-    def __init__(self, net: nn.Module, task: Task, optim: OptimConfig, channels_last: bool = True):
+    def __init__(
+        self,
+        net: nn.Module,
+        task: Task,
+        optim: OptimConfig,
+        channels_last: bool = True,
+        fast_bn: bool = True,
+    ):
         super().__init__()
         self.net = net
         self.task = task
         self.optim_cfg = optim
         self.channels_last = channels_last
         self.loss_terms: dict[str, LossTerm] = {}
+        self.fast_bn = fast_bn
         self._guard: Guard | None = None
+        self._fast_bn: FastBatchNorm | None = None
         self.task_weight = 1.0
         self.val_metric = task.make_metric()
         self.test_metric = task.make_metric()
@@ -63,17 +77,20 @@ class CompressibleModule(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.remove_guard()
         self._guard = guard_strided_1x1(self.net)
+        if self.fast_bn:
+            self._fast_bn = fast_batchnorm(self.net)
 
     def on_fit_end(self) -> None:
         self.remove_guard()
 
     def remove_guard(self) -> None:
-        """Take off the oneDNN guard a fit installed (``pipeline.fit`` calls it also when the fit
-        raised, where Lightning skips ``on_fit_end``)."""
-        guard = getattr(self, "_guard", None)
-        if guard is not None:
-            guard.remove()
-        self._guard = None
+        """Take off the oneDNN guard and the fast batch norm a fit installed (``pipeline.fit``
+        calls it also when the fit raised, where Lightning skips ``on_fit_end``)."""
+        for attr in ("_guard", "_fast_bn"):
+            handle = getattr(self, attr, None)
+            if handle is not None:
+                handle.remove()
+            setattr(self, attr, None)
 
     def _logs_step(self, batch_idx: int) -> bool:
         """Whether this training step logs its losses: every ``trainer.log_every_n_steps``-th

@@ -123,6 +123,11 @@ def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
             "precision": tcfg.resolved_precision(),
             "limit_train_batches": tcfg.limit_train_batches,
             "gradient_clip_val": tcfg.gradient_clip_val,
+            # kernel choices that round differently (the CPU ones count only on the CPU)
+            "channels_last": tcfg.channels_last,
+            "cpu_kernels": None
+            if tcfg.uses_cuda
+            else {"onednn": tcfg.cpu_onednn, "fast_batchnorm": tcfg.cpu_fast_batchnorm},
         },
         # the checkpoint's content, not its path: an overwritten file is another baseline
         "checkpoint": file_digest(spec.baseline_checkpoint) if spec.baseline_checkpoint else None,
