@@ -93,19 +93,21 @@ class ChannelsLastBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         centred, rstd, weight = ctx.saved_tensors
-        n, c, h, w, k = ctx.shape
+        n, ch, h, w, k = ctx.shape
         count = n * h * w
         g = grad.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
-        g = g.reshape(count // k, k * c)
-        sum_g = _channel_sum(g, k, c)
-        sum_gx = _channel_sum(g * centred, k, c)  # = grad_weight / rstd
+        g = g.reshape(count // k, k * ch)
+        sum_g = _channel_sum(g, k, ch)
+        sum_gx = _channel_sum(g * centred, k, ch)  # = grad_weight / rstd
         grad_x = None
         if ctx.needs_input_grad[0]:
-            # d x = w * rstd * (g - mean(g) - centred * rstd^2 * mean(g * centred))
-            shift = (sum_g / count).repeat(k)
-            slope = (rstd * rstd * sum_gx / count).repeat(k)
-            inner = torch.addcmul(g - shift, centred, slope, value=-1)
-            grad_x = (inner * (weight * rstd).repeat(k)).view(n, h, w, c).permute(0, 3, 1, 2)
+            # d x = w * rstd * (g - mean(g) - centred * rstd^2 * mean(g * centred)), as
+            # g * a + c + centred * b with per-channel a, b, c: two passes over the activation
+            a = weight * rstd
+            b = -a * rstd * rstd * sum_gx / count
+            c = -a * sum_g / count
+            flat = torch.addcmul(c.repeat(k), g, a.repeat(k)).addcmul_(centred, b.repeat(k))
+            grad_x = flat.view(n, h, w, ch).permute(0, 3, 1, 2)
         return grad_x, sum_gx * rstd, sum_g, None, None, None, None
 
 
