@@ -40,6 +40,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from chaincomp.data.loader import Augment
 from chaincomp.layers import fq_triton
+from chaincomp.layers.batchnorm import fast_batchnorm
 from chaincomp.layers.exits import attach_exits, backbone_of
 from chaincomp.layers.onednn import guard_strided_1x1
 from chaincomp.layers.quant import KERNEL_ENV
@@ -98,9 +99,10 @@ class FreezeBackbone(pl.Callback):
 class PlainLoop:
     """A hand-written training loop: same tensors on the device, same augmentation, SGD + cosine,
     the same guard around oneDNN's small strided 1x1 convolutions as every fit (none in the
-    default models). ``start_epoch()`` shuffles, ``step(i)`` trains on batch ``i`` of that
-    order; its own generator, so it draws nothing from the global RNG. ``close()`` removes the
-    guard."""
+    default models) and, with ``fast_bn`` (``trainer.cpu_fast_batchnorm``), the same CPU batch
+    norm (it takes no layer of the default models). ``start_epoch()`` shuffles, ``step(i)``
+    trains on batch ``i`` of that order; its own generator, so it draws nothing from the global
+    RNG. ``close()`` removes the guard and the batch norm."""
 
     def __init__(
         self,
@@ -111,12 +113,14 @@ class PlainLoop:
         device: torch.device,
         bf16: bool,
         channels_last: bool,
+        fast_bn: bool = True,
     ) -> None:
         net = module.net.to(device)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net, self.device, self.bf16, self.channels_last = net, device, bf16, channels_last
         self.guard = guard_strided_1x1(net)
+        self.fast_bn = fast_batchnorm(net) if fast_bn else None
         net.train()
         x_all, y_all, _ = dm._splits["train"]
         self.x_all, self.y_all = x_all.to(device), y_all.to(device)
@@ -151,8 +155,11 @@ class PlainLoop:
         self.sched.step()
 
     def close(self) -> set[str]:
-        """Remove the guard; returns the devices its parameters and batches were on."""
+        """Remove the guard and the batch norm; returns the devices its parameters and batches
+        were on."""
         self.guard.remove()
+        if self.fast_bn is not None:
+            self.fast_bn.remove()
         self.devices.add(str(next(self.net.parameters()).device))
         return self.devices
 
@@ -165,10 +172,11 @@ def plain_loop(
     device: torch.device,
     bf16: bool,
     channels_last: bool,
+    fast_bn: bool = True,
 ) -> tuple[float, set[str]]:  # type: ignore[no-untyped-def]
     """:class:`PlainLoop` for ``epochs`` epochs, the first untimed. Returns images/s and the
     devices its parameters and batches were on."""
-    loop = PlainLoop(module, dm, epochs, steps, device, bf16, channels_last)
+    loop = PlainLoop(module, dm, epochs, steps, device, bf16, channels_last, fast_bn)
     seconds, images = 0.0, 0
     try:
         for epoch in range(epochs):
@@ -352,6 +360,7 @@ def run(
         raise ValueError("the plain loop is written for data.task=classify")
     initial = build_module(cfg, dm)
     channels_last = tcfg.channels_last
+    fast_bn = tcfg.cpu_fast_batchnorm
 
     samples: dict[str, list[float]] = {}
     trained_on: dict[str, str] = {}
@@ -380,7 +389,7 @@ def run(
 
     def plain() -> None:
         ips, devices = plain_loop(
-            copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last
+            copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last, fast_bn
         )
         trained_on["plain"] = _trained_on("plain", devices, device)
         samples.setdefault("plain", []).append(ips)
@@ -388,7 +397,9 @@ def run(
     pairs: tuple[list[float], list[float]] = ([], [])
 
     def interleaved() -> None:
-        loop = PlainLoop(copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last)
+        loop = PlainLoop(
+            copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last, fast_bn
+        )
         inter = Interleaved(loop)
         try:
             framework("interleaved", copy.deepcopy(initial), [inter], record=False)
