@@ -92,41 +92,67 @@ def test_it_takes_only_the_calls_it_is_meant_for(monkeypatch: pytest.MonkeyPatch
     assert calls == [12] and "forward" not in net[0].__dict__
 
 
-def test_a_deep_copy_runs_its_own_layer() -> None:
-    net = nn.Sequential(nn.BatchNorm2d(12))
-    fast_batchnorm(net)
-    twin = copy.deepcopy(net)
-    twin(torch.randn(4, 12, 6, 6).contiguous(memory_format=torch.channels_last))
-    assert int(twin[0].num_batches_tracked) == 1 and int(net[0].num_batches_tracked) == 0
-
-
 def test_fold_fills_a_vector_or_gives_up() -> None:
     assert fold(12, 128 * 784, 16) == 4 and fold(10, 128 * 784, 16) == 8
     assert fold(12, 128 * 784, 8) == 2 and fold(16, 6, 16) == 1 and fold(12, 75, 16) == 1
 
 
 @pytest.mark.parametrize("enabled", [True, False])
-def test_a_fit_switches_it_on_for_its_duration(digits_base: Any, enabled: bool) -> None:  # type: ignore[no-untyped-def]
-    """``trainer.cpu_fast_batchnorm`` decides whether a fit's batch norms run the fast forward;
-    after the fit every layer has PyTorch's back."""
+def test_a_fit_trains_through_it_when_the_trainer_says_so(  # type: ignore[no-untyped-def]
+    digits_base: Any, enabled: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``trainer.cpu_fast_batchnorm`` decides whether a fit's batch norms run the fast kernel
+    (its Function is called in every training step, or never); after the fit every layer has
+    PyTorch's forward back. A vector of 32 floats makes the digits net's 8- and 16-channel
+    batch norms qualify on any CPU, and leaves its 32-channel ones to PyTorch."""
     import pytorch_lightning as pl
 
     from chaincomp.pipeline import build_module, fit, trainer_config
 
+    monkeypatch.setattr(batchnorm, "vector_width", lambda: 32)
+    calls = [0]
+    real = ChannelsLastBatchNorm.apply
+
+    def counted(*args: Any) -> Any:
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(ChannelsLastBatchNorm, "apply", counted)
     cfg, dm, net = digits_base
     tcfg = dataclasses.replace(trainer_config(cfg), cpu_fast_batchnorm=enabled, max_epochs=1)
     module = build_module(cfg, dm, copy.deepcopy(net))
     bns = [m for m in module.net.modules() if isinstance(m, nn.BatchNorm2d)]
     assert bns
-    seen: list[bool] = []
+    per_step: list[int] = []
 
     class Spy(pl.Callback):
         def on_train_batch_start(self, *args: Any) -> None:
-            seen.append(all("forward" in m.__dict__ for m in bns))
+            self.before = calls[0]
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            per_step.append(calls[0] - self.before)
 
     fit(module, dm, tcfg, [Spy()])
-    assert seen and set(seen) == {enabled}
+    # the 8- and 16-channel layers take it, the 32-channel ones (a full vector) do not
+    odd = sum(m.num_features % 32 != 0 for m in bns)
+    assert 0 < odd < len(bns)
+    assert per_step and set(per_step) == ({odd} if enabled else {0})
     assert not any("forward" in m.__dict__ for m in bns)
+
+
+def test_a_switched_net_copies_and_pickles_and_refuses_double_backward() -> None:
+    import pickle
+
+    net = nn.Sequential(nn.BatchNorm2d(12))
+    fast_batchnorm(net)
+    x = torch.randn(4, 12, 6, 6).contiguous(memory_format=torch.channels_last)
+    for twin in (copy.deepcopy(net), pickle.loads(pickle.dumps(net))):
+        twin(x)  # the copy's own layer counts the batch, not the original's
+        assert int(twin[0].num_batches_tracked) == 1 and int(net[0].num_batches_tracked) == 0
+    out = net(x.requires_grad_(True))
+    (g,) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), x)
 
 
 def test_vector_width_follows_atens_dispatch(monkeypatch: pytest.MonkeyPatch) -> None:

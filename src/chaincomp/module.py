@@ -38,10 +38,11 @@ class CompressibleModule(pl.LightningModule):
     - During a fit, the CPU's small strided 1x1 convolutions compute in NCHW
       (:func:`chaincomp.layers.onednn.guard_strided_1x1`: oneDNN corrupts their weight gradients
       in channels_last).
-    - With ``fast_bn`` (``pipeline.fit`` sets it from ``trainer.cpu_fast_batchnorm``), during a fit the CPU's
+    - With ``fast_bn`` (``trainer.cpu_fast_batchnorm``, from ``pipeline.build_module`` and again
+      in ``pipeline.fit``), during a fit the CPU's
       channels_last batch norms whose channel count fills no vector train through
       :func:`chaincomp.layers.batchnorm.fast_batchnorm` (the same statistics and gradients up
-      to float32 rounding, several times faster).
+      to float32 rounding, faster).
     """
 
     def __init__(

@@ -44,7 +44,8 @@ class TrainerConfig:
     no effect on the numbers; false: the C library's defaults); ``cpu_fast_batchnorm``: on the
     CPU in channels_last, batch norms whose channel count is not a multiple of the vector width
     train through :mod:`chaincomp.layers.batchnorm` (the same arithmetic up to float32
-    rounding; 3-5x faster for such layers; false: PyTorch's kernel everywhere)."""
+    rounding, faster: ``benchmarks/batchnorm_cpu.py``; false: PyTorch's kernel everywhere).
+    ``build_module`` gives the module this setting and ``fit`` sets it again from its own."""
 
     max_epochs: int = 10
     accelerator: str = "auto"
@@ -158,6 +159,7 @@ def build_module(
         dm.task,
         optim_config(cfg),
         tcfg.channels_last,
+        tcfg.cpu_fast_batchnorm,
     )
 
 

@@ -16,18 +16,20 @@ as a ``(N*H*W/k, k*C)`` matrix, ``k*C`` a multiple of the vector width: every op
 vectorized. Results equal PyTorch's up to float32 rounding (a different summation order), not
 bit for bit. Anything else (eval mode, another device or dtype, an NCHW input, ``momentum``
 None, no affine or no running stats, fewer than two values per channel, a channel count that
-fills the vectors) runs PyTorch's own ``forward``. Double backward is not supported.
+fills the vectors) runs PyTorch's own ``forward``. Double backward raises (``once_differentiable``).
+A copy of the net made during a fit (``copy.deepcopy``) keeps the fast forward, bound to the
+copy's own layer; no handle removes it there.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import types
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 # A layer that holds the fast forward carries this key in its __dict__ (the instance attribute
 # ``forward`` shadows the class's; removing it restores PyTorch's).
@@ -91,6 +93,7 @@ class ChannelsLastBatchNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         centred, rstd, weight = ctx.saved_tensors
         n, ch, h, w, k = ctx.shape
@@ -124,15 +127,24 @@ def applies(m: nn.Module, x: Tensor) -> bool:
     return n * h * w > 1 and x.is_contiguous(memory_format=torch.channels_last)
 
 
-def _forward(m: nn.BatchNorm2d, x: Tensor) -> Tensor:
-    if not applies(m, x):
-        return type(m).forward(m, x)
-    if m.num_batches_tracked is not None:
-        m.num_batches_tracked.add_(1)
-    out: Tensor = ChannelsLastBatchNorm.apply(
-        x, m.weight, m.bias, m.running_mean, m.running_var, float(m.momentum or 0.0), m.eps
-    )
-    return out
+class _FastForward:
+    """The ``forward`` a switched layer holds: the fast batch norm where :func:`applies`, else
+    PyTorch's. An object, not a bound method or a partial: a deep copy of the net binds it to
+    the copied layer, and a pickled net loads."""
+
+    def __init__(self, m: nn.BatchNorm2d) -> None:
+        self.m = m
+
+    def __call__(self, x: Tensor) -> Tensor:
+        m = self.m
+        if not applies(m, x):
+            return type(m).forward(m, x)
+        if m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+        out: Tensor = ChannelsLastBatchNorm.apply(
+            x, m.weight, m.bias, m.running_mean, m.running_var, float(m.momentum or 0.0), m.eps
+        )
+        return out
 
 
 class FastBatchNorm:
@@ -158,8 +170,7 @@ def fast_batchnorm(net: nn.Module) -> FastBatchNorm:
     for name, m in net.named_modules():
         if isinstance(m, nn.BatchNorm2d) and not m.__dict__.get(_MARK, False):
             m.__dict__[_MARK] = True
-            # a bound method, not a partial: a deep copy of the net binds it to the copy
-            m.forward = types.MethodType(_forward, m)  # type: ignore[method-assign]
+            m.forward = _FastForward(m)  # type: ignore[method-assign,assignment]
             handle.modules.append(m)
             handle.layers.append(name)
     return handle
