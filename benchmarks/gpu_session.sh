@@ -14,6 +14,8 @@
 #      and orders-chains.tgz);
 #   5. PROFILE=1 (off by default; before the benchmark): benchmarks/qat_profile.py on both nets
 #      (PROFILE_LIMIT seconds each, PROFILE_ARGS; default: the eager and the Triton quantizer).
+#   6. DECODE=1 (off by default; before the benchmark): benchmarks/decode_imagefolder.py, the
+#      first load of the CIFAR-10 archive in one process against the decode workers (decode.log).
 # BENCH_ROUNDS (default 1): rounds of the benchmark (2 or more alternate the framework/plain pair);
 # BENCH_FIRST="model batch [flags];...": benchmark these before the chain, and QUANT_KERNEL=auto
 # then runs the chain's QAT on the Triton kernels if that benchmark found them equal and faster.
@@ -190,6 +192,14 @@ if [ "${PROFILE:-0}" != 0 ]; then
       >>"$OUT/profile.log" 2>&1
     echo "profile $1: rc=$?" | tee -a "$OUT/profile.log"
   done
+fi
+
+if [ "${DECODE:-0}" != 0 ]; then
+  # 6. DECODE=1: the first load of CIFAR-10's JPEG copy, in one process and in the decode
+  # workers (benchmarks/decode_imagefolder.py, one round each: about 20 s)
+  timeout "${DECODE_LIMIT:-90}" $PY benchmarks/decode_imagefolder.py \
+    "$CHAINCOMP_DATA_DIR/cifar10-jpeg75.tar.gz" --rounds 1 >"$OUT/decode.log" 2>&1
+  echo "decode: rc=$?" | tee -a "$OUT/decode.log"
 fi
 
 [ "${BENCH:-1}" = 0 ] && exit 0

@@ -8,6 +8,7 @@ import pickle
 import struct
 import tarfile
 import zipfile
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,140 @@ def test_imagefolder_errors(tmp_path: Path) -> None:
         load_raw("imagefolder", path=str(tmp_path / "empty"), cache_dir=tmp_path / "c")
     with pytest.raises(ConfigError, match="data.path"):
         load_raw("imagefolder", cache_dir=tmp_path / "c")
+
+
+def _mixed_tree(root: Path) -> dict[str, np.ndarray]:
+    """An image folder with RGB, L and 1-bit PNGs (4 x 4) in every class; returns each file's
+    written pixels as RGB (a gray value v is (v, v, v); a 1-bit pixel 0 or 255)."""
+    rng = np.random.default_rng(2)
+    truth: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        for cls in ("ant", "bee"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(7):
+                name = f"{split}/{cls}/{i}.png"
+                if i % 3 == 0:
+                    rgb = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+                    Image.fromarray(rgb, "RGB").save(root / name)
+                elif i % 3 == 1:
+                    gray = rng.integers(0, 256, (4, 4), dtype=np.uint8)
+                    Image.fromarray(gray, "L").save(root / name)
+                    rgb = np.repeat(gray[..., None], 3, axis=2)
+                else:
+                    bits = rng.integers(0, 2, (4, 4)).astype(bool)
+                    Image.fromarray(bits).save(root / name)  # mode "1"
+                    rgb = np.repeat((bits * 255).astype(np.uint8)[..., None], 3, axis=2)
+                truth[name] = rgb
+    return truth
+
+
+def test_imagefolder_parallel_decode_equals_serial_and_the_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoding in forked processes (chunks of 2 images, 3 processes) gives the pixels that were
+    written, in the archive's order, exactly as decoding in this process does, for every
+    ``channels`` setting, a resize, and grayscale images among colour ones."""
+    from chaincomp.data import formats
+
+    truth = _mixed_tree(tmp_path / "m")
+    with tarfile.open(tmp_path / "m.tar.gz", "w:gz") as tf:
+        tf.add(tmp_path / "m", arcname="m")
+    names = [n for n, _ in formats._iter_archive(tmp_path / "m.tar.gz")]
+    order = {
+        s: [n.split("/", 1)[1] for n in names if n.split("/")[1] == s] for s in ("train", "test")
+    }
+    monkeypatch.setattr(formats, "_CHUNK", 2)
+    pools: list[int] = []  # the process count of every pool that decoded
+    pool_map = ProcessPoolExecutor.map
+
+    def spy(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        pools.append(self._max_workers)
+        return pool_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(ProcessPoolExecutor, "map", spy)
+    for options in ({}, {"channels": 3}, {"channels": 1}, {"channels": 3, "image_size": 6}):
+        raws = {}
+        for workers in ("1", "3"):
+            monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", workers)
+            pools.clear()
+            raws[workers] = formats.read_imagefolder(tmp_path / "m.tar.gz", **options)
+            assert pools == ([] if workers == "1" else [3])
+        for key in ("train_x", "train_y", "test_x", "test_y"):
+            np.testing.assert_array_equal(getattr(raws["1"], key), getattr(raws["3"], key))
+        raw = raws["3"]
+        if "image_size" in options:
+            assert raw.train_x.shape == (14, 6, 6, 3)
+            continue
+        want = 1 if options.get("channels") == 1 else 3  # mixed modes: RGB by default
+        assert raw.train_x.shape == (14, 4, 4, want)
+        for split, x in (("train", raw.train_x), ("test", raw.test_x)):
+            for k, name in enumerate(order[split]):
+                rgb = truth[name]
+                if want == 3:
+                    np.testing.assert_array_equal(x[k], rgb)
+                elif (rgb == rgb[..., :1]).all():  # a gray image stays itself in L
+                    np.testing.assert_array_equal(x[k, ..., 0], rgb[..., 0])
+
+
+def test_imagefolder_parallel_decode_reports_a_broken_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chaincomp.data import formats
+
+    tree = make_imagefolder(tmp_path / "t")
+    (tree / "test" / "bee" / "9.png").write_bytes(b"not a png")
+    monkeypatch.setattr(formats, "_CHUNK", 2)
+    monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "2")
+    with pytest.raises(DataError, match=r"cannot decode an image of test/bee"):
+        formats.read_imagefolder(tree)
+
+
+_PARENT = os.getpid()
+
+
+def _die_in_child(args):  # type: ignore[no-untyped-def]
+    """A decode worker that dies in a child process (as one killed for memory would)."""
+    from chaincomp.data.formats import _decode_one
+
+    if os.getpid() != _PARENT:
+        os._exit(1)
+    chunk, mode, size = args
+    return [_decode_one(data, mode, size) for data in chunk]
+
+
+def test_imagefolder_decode_goes_on_when_a_worker_dies(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from chaincomp.data import formats
+
+    tree = make_imagefolder(tmp_path / "t")
+    monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "1")
+    serial = formats.read_imagefolder(tree)
+    monkeypatch.setitem(_die_in_child.__globals__, "_PARENT", os.getpid())
+    monkeypatch.setattr(formats, "_decode_chunk", _die_in_child)
+    monkeypatch.setattr(formats, "_CHUNK", 2)
+    monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "2")
+    with pytest.warns(RuntimeWarning, match="a worker process died"):
+        raw = formats.read_imagefolder(tree)
+    np.testing.assert_array_equal(raw.train_x, serial.train_x)
+    np.testing.assert_array_equal(raw.test_y, serial.test_y)
+
+
+def test_decode_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from chaincomp.data import formats
+
+    monkeypatch.delenv("CHAINCOMP_DECODE_WORKERS", raising=False)
+    assert formats.decode_workers(100) == 1  # small: no pool
+    assert 1 <= formats.decode_workers(60_000) <= min(16, os.cpu_count() or 1)
+    monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "0")
+    assert formats.decode_workers(60_000) == 1
+    monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "64")
+    assert formats.decode_workers(3000) == 3  # never more than the chunks
+    for bad, why in (("two", "invalid value 'two'"), ("-1", "-1 is negative")):
+        monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", bad)
+        with pytest.raises(DataError, match=f"CHAINCOMP_DECODE_WORKERS: {why}; allowed"):
+            formats.decode_workers(60_000)
 
 
 # -------------------------------------------------------------------- resolution + cache
@@ -438,3 +573,30 @@ def test_batches_live_on_cuda() -> None:
     dm = ChainDataModule(DataConfig(name="digits", crop_padding=2, flip=True, task="rotation"))
     x, t = next(iter(dm.loader("train", "cuda")))
     assert x.is_cuda and t.is_cuda
+
+
+def test_decode_benchmark_script(tmp_path: Path) -> None:
+    """benchmarks/decode_imagefolder.py reads an archive both ways and finds the same arrays."""
+    import subprocess
+    import sys
+
+    tree = make_imagefolder(tmp_path / "t")
+    with tarfile.open(tmp_path / "t.tar.gz", "w:gz") as tf:
+        tf.add(tree, arcname="t")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_imagefolder.py"
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "t.tar.gz"),
+            "--rounds",
+            "2",
+            "--workers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "18 images" in out and "decode workers: 1" in out  # one chunk: no pool
+    assert "(identical arrays)" in out

@@ -15,6 +15,7 @@ import io
 import pickle
 import struct
 import tarfile
+import warnings
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -232,6 +233,97 @@ def read_cifar_python(path: Path) -> RawDataset:
 
 
 # ------------------------------------------------------------------------------- ImageFolder
+GRAY_MODES = ("L", "1", "I;16", "I")
+DECODE_WORKERS_ENV = "CHAINCOMP_DECODE_WORKERS"
+_PARALLEL_MIN_IMAGES = 4096  # below this a process pool costs more than it saves
+_CHUNK = 1024
+
+
+def decode_workers(n_images: int) -> int:
+    """Processes that decode ``n_images`` images: ``$CHAINCOMP_DECODE_WORKERS`` if set (0 or 1:
+    in this process), else one per usable CPU core (at most 16) when there are at least 4,096
+    images and the platform forks, else 1."""
+    import multiprocessing
+    import os
+
+    env = os.environ.get(DECODE_WORKERS_ENV)
+    if env is not None and env.strip() != "":
+        try:
+            wanted = int(env)
+        except ValueError:
+            raise DataError(
+                f"{DECODE_WORKERS_ENV}: invalid value {env!r}; allowed: an integer >= 0"
+            ) from None
+        if wanted < 0:
+            raise DataError(f"{DECODE_WORKERS_ENV}: {wanted} is negative; allowed: >= 0")
+    else:
+        if n_images < _PARALLEL_MIN_IMAGES:
+            return 1
+        try:
+            wanted = min(16, len(os.sched_getaffinity(0)))
+        except AttributeError:  # not Linux
+            wanted = min(16, os.cpu_count() or 1)
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    return max(1, min(wanted, -(-n_images // _CHUNK)))
+
+
+def _decode_one(data: bytes, mode: str | None, image_size: int | None) -> tuple[str, np.ndarray]:
+    """One image's bytes -> (its own mode, its uint8 HWC array). ``mode`` None: "L" for a
+    grayscale image, "RGB" otherwise. Raises ``UnidentifiedImageError`` / ``OSError``."""
+    image: Image.Image = Image.open(io.BytesIO(data))
+    image.load()
+    own = image.mode
+    target = mode or ("L" if own in GRAY_MODES else "RGB")
+    im = image.convert(target)
+    if image_size is not None and im.size != (image_size, image_size):
+        im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
+    channels = 1 if target == "L" else 3
+    return own, np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels)
+
+
+def _decode_chunk(
+    args: tuple[list[bytes], str | None, int | None],
+) -> list[tuple[str, np.ndarray] | str]:
+    """:func:`_decode_one` over a chunk; an image that does not decode gives its error text."""
+    chunk, mode, image_size = args
+    out: list[tuple[str, np.ndarray] | str] = []
+    for data in chunk:
+        try:
+            out.append(_decode_one(data, mode, image_size))
+        except (UnidentifiedImageError, OSError) as exc:
+            out.append(str(exc) or type(exc).__name__)
+    return out
+
+
+def _decode_all(
+    blobs: list[bytes], mode: str | None, image_size: int | None
+) -> list[tuple[str, np.ndarray] | str]:
+    """:func:`_decode_chunk` over every image, in order, in :func:`decode_workers` forked
+    processes (the same function, hence the same arrays, as in this process)."""
+    chunks = [(blobs[i : i + _CHUNK], mode, image_size) for i in range(0, len(blobs), _CHUNK)]
+    workers = decode_workers(len(blobs))
+    results: list[list[tuple[str, np.ndarray] | str]]
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            fork = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(workers, mp_context=fork) as pool:
+                results = list(pool.map(_decode_chunk, chunks))
+            return [r for chunk in results for r in chunk]
+        except BrokenProcessPool as exc:  # a worker died (out of memory, killed): do it here
+            warnings.warn(
+                f"image decoding: a worker process died ({exc}); decoding in this process",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    results = [_decode_chunk(c) for c in chunks]
+    return [r for chunk in results for r in chunk]
+
+
 def _iter_archive(path: Path) -> Iterator[tuple[str, bytes]]:
     """Yield (posix member name, bytes) of the image files in a directory, zip or tar archive."""
     if path.is_dir():
@@ -293,31 +385,30 @@ def read_imagefolder(
     unknown = sorted({c for c, _ in items[test_split]} - set(classes))
     if unknown:
         raise DataError(f"{path}: test classes {unknown} do not occur in the train split")
-    decoded: dict[str, list[Image.Image]] = {}
-    for split, entries in items.items():
-        images: list[Image.Image] = []
-        for cls, data in entries:
-            try:
-                img: Image.Image = Image.open(io.BytesIO(data))
-                img.load()
-            except (UnidentifiedImageError, OSError) as exc:
-                raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({exc})") from exc
-            images.append(img)
-        decoded[split] = images
-    if channels is None:
-        all_gray = all(im.mode in ("L", "1", "I;16", "I") for ims in decoded.values() for im in ims)
-        channels = 1 if all_gray else 3
-    if channels not in (1, 3):
+    if channels not in (None, 1, 3):
         raise DataError(f"data.channels: {channels} is not supported; allowed: 1, 3")
-    mode = "L" if channels == 1 else "RGB"
+    mode = None if channels is None else ("L" if channels == 1 else "RGB")
+    splits = list(items)
+    blobs = [data for split in splits for _, data in items[split]]
+    results = _decode_all(blobs, mode, image_size)
+    where = [(split, cls) for split in splits for cls, _ in items[split]]
+    decoded: list[tuple[str, np.ndarray]] = []
+    for (split, cls), result in zip(where, results, strict=True):
+        if isinstance(result, str):
+            raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({result})")
+        decoded.append(result)
+    if mode is None:
+        channels = 1 if all(own in GRAY_MODES for own, _ in decoded) else 3
+        if channels == 3:  # grayscale images among colour ones: RGB from their own mode
+            decoded = [
+                _decode_one(blobs[k], "RGB", image_size) if arr.shape[2] == 1 else (own, arr)
+                for k, (own, arr) in enumerate(decoded)
+            ]
     out: dict[str, np.ndarray] = {}
-    for split, images in decoded.items():
-        arrays = []
-        for image in images:
-            im = image.convert(mode)
-            if image_size is not None and im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.Resampling.BILINEAR)
-            arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels))
+    start = 0
+    for split in splits:
+        arrays = [arr for _, arr in decoded[start : start + len(items[split])]]
+        start += len(items[split])
         sizes = {a.shape for a in arrays}
         if len(sizes) > 1:
             raise DataError(
