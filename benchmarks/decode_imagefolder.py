@@ -45,7 +45,12 @@ def main() -> None:
     parser.add_argument("path", nargs="?", type=Path, default=None)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--workers", default=None, help="worker processes (default: automatic)")
+    parser.add_argument("--chunk", type=int, default=None, help=argparse.SUPPRESS)  # tests
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds: at least 1")
+    if args.chunk is not None:
+        formats._CHUNK = args.chunk
     path = args.path or _default_path()
     saved = os.environ.get(formats.DECODE_WORKERS_ENV)
     times: dict[str, list[float]] = {"one process": [], "workers": []}
@@ -62,6 +67,8 @@ def main() -> None:
                     for key in ("train_x", "train_y", "test_x", "test_y"):
                         if not np.array_equal(getattr(ref, key), getattr(raw, key)):
                             raise SystemExit(f"{key} differs between the two ways")
+                    if ref.classes != raw.classes:
+                        raise SystemExit("the classes differ between the two ways")
         if args.workers is None:
             os.environ.pop(formats.DECODE_WORKERS_ENV, None)
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import pickle
 import struct
@@ -240,7 +241,8 @@ def test_imagefolder_parallel_decode_equals_serial_and_the_pixels(
             monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", workers)
             pools.clear()
             raws[workers] = formats.read_imagefolder(tmp_path / "m.tar.gz", **options)
-            assert pools == ([] if workers == "1" else [3])
+            # a second pool makes RGB of the grayscale images among colour ones
+            assert pools == ([] if workers == "1" else [3, 3] if not options else [3])
         for key in ("train_x", "train_y", "test_x", "test_y"):
             np.testing.assert_array_equal(getattr(raws["1"], key), getattr(raws["3"], key))
         raw = raws["3"]
@@ -256,6 +258,105 @@ def test_imagefolder_parallel_decode_equals_serial_and_the_pixels(
                     np.testing.assert_array_equal(x[k], rgb)
                 elif (rgb == rgb[..., :1]).all():  # a gray image stays itself in L
                     np.testing.assert_array_equal(x[k, ..., 0], rgb[..., 0])
+
+
+def _reference_decode(blobs: list[bytes], channels: int | None, size: int | None) -> np.ndarray:
+    """The decode loop of read_imagefolder before the worker processes (commit a2723ca), kept
+    as the reference: open and load every image, pick the channels from all modes, convert,
+    resize."""
+    images = []
+    for data in blobs:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        images.append(img)
+    if channels is None:
+        gray = all(im.mode in ("L", "1", "I;16", "I") for im in images)
+        channels = 1 if gray else 3
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for image in images:
+        im = image.convert(mode)
+        if size is not None and im.size != (size, size):
+            im = im.resize((size, size), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(im, dtype=np.uint8).reshape(im.size[1], im.size[0], channels))
+    return np.stack(arrays)
+
+
+def _image_bytes(mode: str, rng: np.random.Generator) -> bytes:
+    """A 5 x 5 image of ``mode`` as PNG (JPEG for CMYK)."""
+    if mode in ("RGB", "RGBA", "CMYK"):
+        arr = rng.integers(0, 256, (5, 5, len(mode)), dtype=np.uint8)
+        img = Image.fromarray(arr, mode)
+    elif mode == "LA":
+        img = Image.fromarray(rng.integers(0, 256, (5, 5, 2), dtype=np.uint8), "LA")
+    elif mode == "P":
+        img = Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8), "RGB").quantize(7)
+    elif mode == "1":
+        img = Image.fromarray(rng.integers(0, 2, (5, 5)).astype(bool))
+    elif mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (5, 5)).astype(np.uint16))
+    else:  # L
+        img = Image.fromarray(rng.integers(0, 256, (5, 5), dtype=np.uint8), "L")
+    buf = io.BytesIO()
+    img.save(buf, "JPEG" if mode == "CMYK" else "PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "modes",
+    [("L", "1", "I;16"), ("RGB", "P", "RGBA", "LA", "L", "1", "I;16", "CMYK")],
+    ids=["gray", "mixed"],
+)
+@pytest.mark.parametrize("container", ["dir", "zip"])
+def test_imagefolder_workers_equal_the_reference_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, modes: tuple[str, ...], container: str
+) -> None:
+    """Every mode, channels None / 1 / 3, with and without resize, from a directory and a zip:
+    the arrays decoded by 3 worker processes (chunks of 2) equal the reference loop's."""
+    from chaincomp.data import formats
+
+    rng = np.random.default_rng(3)
+    files = {
+        f"{split}/{cls}/{i}.png": _image_bytes(modes[i % len(modes)], rng)
+        for split in ("train", "test")
+        for cls in ("x", "y")
+        for i in range(len(modes) + 1)
+    }
+    root = tmp_path / "tree"
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    path = root
+    if container == "zip":
+        path = tmp_path / "tree.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, data in files.items():
+                zf.writestr(name, data)
+    order = [n for n, _ in formats._iter_archive(path)]
+    monkeypatch.setattr(formats, "_CHUNK", 2)
+    monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "3")
+    for channels in (None, 1, 3):
+        for size in (None, 7):
+            raw = formats.read_imagefolder(path, channels=channels, image_size=size)
+            for split, x in (("train", raw.train_x), ("test", raw.test_x)):
+                blobs = [files[n] for n in order if n.startswith(split + "/")]
+                np.testing.assert_array_equal(x, _reference_decode(blobs, channels, size))
+
+
+def test_imagefolder_names_an_image_that_does_not_convert(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image that loads but cannot convert to the mode (LAB) is a DataError naming it, in
+    one process and in the workers."""
+    from chaincomp.data import formats
+
+    tree = make_imagefolder(tmp_path / "t")
+    Image.new("LAB", (6, 6)).save(tree / "test" / "bee" / "lab.tif")
+    monkeypatch.setattr(formats, "_CHUNK", 2)
+    for workers in ("1", "2"):
+        monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", workers)
+        with pytest.raises(DataError, match=r"cannot decode an image of test/bee \(ValueError"):
+            formats.read_imagefolder(tree, channels=1)
 
 
 def test_imagefolder_parallel_decode_reports_a_broken_image(
@@ -296,10 +397,53 @@ def test_imagefolder_decode_goes_on_when_a_worker_dies(
     monkeypatch.setattr(formats, "_decode_chunk", _die_in_child)
     monkeypatch.setattr(formats, "_CHUNK", 2)
     monkeypatch.setenv("CHAINCOMP_DECODE_WORKERS", "2")
-    with pytest.warns(RuntimeWarning, match="a worker process died"):
+    with pytest.warns(RuntimeWarning, match="worker processes failed"):
         raw = formats.read_imagefolder(tree)
     np.testing.assert_array_equal(raw.train_x, serial.train_x)
     np.testing.assert_array_equal(raw.test_y, serial.test_y)
+
+
+_SLOW_CHILD = """
+import os, sys, time
+from pathlib import Path
+from chaincomp.data import formats
+
+def slow(args):
+    Path(sys.argv[2], str(os.getpid())).touch()
+    time.sleep(30)
+
+formats._decode_chunk = slow
+formats._CHUNK = 2
+os.environ["CHAINCOMP_DECODE_WORKERS"] = "2"
+formats.read_imagefolder(Path(sys.argv[1]))
+"""
+
+
+def test_decode_workers_end_with_their_parent(tmp_path: Path) -> None:
+    """A process killed while its workers decode (a sweep's trial timeout, the OOM killer)
+    leaves no worker behind."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    tree = make_imagefolder(tmp_path / "t")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_CHILD, str(tree), str(pids)])
+    deadline = time.monotonic() + 60
+    while len(list(pids.iterdir())) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [int(f.name) for f in pids.iterdir()]
+    assert len(workers) == 2, "the workers never started"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+        time.sleep(0.1)
+    assert alive == [], f"workers {alive} outlived their parent"
 
 
 def test_decode_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -593,10 +737,12 @@ def test_decode_benchmark_script(tmp_path: Path) -> None:
             "2",
             "--workers",
             "2",
+            "--chunk",
+            "4",
         ],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
-    assert "18 images" in out and "decode workers: 1" in out  # one chunk: no pool
+    assert "18 images" in out and "decode workers: 2" in out
     assert "(identical arrays)" in out

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import pickle
+import signal
 import struct
 import tarfile
 import warnings
@@ -23,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from chaincomp.errors import DataError
 
@@ -244,7 +246,6 @@ def decode_workers(n_images: int) -> int:
     in this process), else one per usable CPU core (at most 16) when there are at least 4,096
     images and the platform forks, else 1."""
     import multiprocessing
-    import os
 
     env = os.environ.get(DECODE_WORKERS_ENV)
     if env is not None and env.strip() != "":
@@ -270,7 +271,7 @@ def decode_workers(n_images: int) -> int:
 
 def _decode_one(data: bytes, mode: str | None, image_size: int | None) -> tuple[str, np.ndarray]:
     """One image's bytes -> (its own mode, its uint8 HWC array). ``mode`` None: "L" for a
-    grayscale image, "RGB" otherwise. Raises ``UnidentifiedImageError`` / ``OSError``."""
+    grayscale image, "RGB" otherwise. Raises what PIL raises for bytes it cannot read or convert."""
     image: Image.Image = Image.open(io.BytesIO(data))
     image.load()
     own = image.mode
@@ -291,9 +292,24 @@ def _decode_chunk(
     for data in chunk:
         try:
             out.append(_decode_one(data, mode, image_size))
-        except (UnidentifiedImageError, OSError) as exc:
-            out.append(str(exc) or type(exc).__name__)
+        except Exception as exc:  # not readable, or not convertible to the mode: named by caller
+            out.append(f"{type(exc).__name__}: {exc}")
     return out
+
+
+def _worker_init(parent: int) -> None:
+    """A decode worker ends with its parent (Linux: ``PR_SET_PDEATHSIG``), so a parent killed
+    mid-decode (a sweep's trial timeout, the OOM killer) leaves no orphan behind; Ctrl-C goes to
+    the parent only."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _decode_all(
@@ -309,14 +325,23 @@ def _decode_all(
         from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
+        Image.init()  # the plugins, imported once here rather than in every child
         try:
-            fork = multiprocessing.get_context("fork")
-            with ProcessPoolExecutor(workers, mp_context=fork) as pool:
+            pool = ProcessPoolExecutor(
+                workers,
+                mp_context=multiprocessing.get_context("fork"),
+                initializer=_worker_init,
+                initargs=(os.getpid(),),
+            )
+            try:
                 results = list(pool.map(_decode_chunk, chunks))
+            finally:  # on an error or Ctrl-C here, the chunks not started are dropped
+                pool.shutdown(wait=True, cancel_futures=True)
             return [r for chunk in results for r in chunk]
-        except BrokenProcessPool as exc:  # a worker died (out of memory, killed): do it here
+        except (BrokenProcessPool, OSError) as exc:  # a worker died or could not fork
             warnings.warn(
-                f"image decoding: a worker process died ({exc}); decoding in this process",
+                f"image decoding: worker processes failed ({type(exc).__name__}: {exc}); "
+                "decoding in this process",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -399,11 +424,14 @@ def read_imagefolder(
         decoded.append(result)
     if mode is None:
         channels = 1 if all(own in GRAY_MODES for own, _ in decoded) else 3
-        if channels == 3:  # grayscale images among colour ones: RGB from their own mode
-            decoded = [
-                _decode_one(blobs[k], "RGB", image_size) if arr.shape[2] == 1 else (own, arr)
-                for k, (own, arr) in enumerate(decoded)
-            ]
+        gray = [k for k, (_, arr) in enumerate(decoded) if arr.shape[2] == 1]
+        if channels == 3 and gray:  # grayscale images among colour ones: RGB from their own mode
+            again = _decode_all([blobs[k] for k in gray], "RGB", image_size)
+            for k, result in zip(gray, again, strict=True):
+                if isinstance(result, str):
+                    split, cls = where[k]
+                    raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({result})")
+                decoded[k] = result
     out: dict[str, np.ndarray] = {}
     start = 0
     for split in splits:

@@ -140,7 +140,11 @@ def _worker_entry(
 ) -> None:
     import torch
 
+    from chaincomp.data.formats import DECODE_WORKERS_ENV
+
     torch.set_num_threads(threads)
+    # the worker's share of the cores for a first decode too (not 16 processes per worker)
+    os.environ.setdefault(DECODE_WORKERS_ENV, str(threads))
     cfg = OmegaConf.create(cfg_yaml)
     assert isinstance(cfg, DictConfig)
 
