@@ -11,7 +11,7 @@ ifneq ($(wildcard $(SHARED_DATA)/mnist),)
 export CHAINCOMP_DATA_DIR ?= $(SHARED_DATA)
 endif
 
-.PHONY: setup demo demo-digits test test-slow test-gpu lint format typecheck bench studies reports strip-notebooks clean help
+.PHONY: setup demo demo-digits test test-slow test-gpu lint format typecheck bench gpu-carry studies reports strip-notebooks clean help
 
 help:
 	@echo "make setup      create/reuse $(VENV) and install chaincomp[dev]"
@@ -21,6 +21,7 @@ help:
 	@echo "make test-slow  the long quality tests (real datasets, minutes)"
 	@echo "make lint       ruff check + format check;  make format: apply ruff format"
 	@echo "make typecheck  mypy;  make bench: training throughput vs a plain PyTorch loop"
+	@echo "make gpu-carry  .whl/ (wheels the GPU machine lacks) and .gpu/ (the CIFAR-10 archive) for benchmarks/gpu_session.sh"
 	@echo "make studies    the CPU-size order studies (24 orders on Fashion-MNIST and rotation; resumable, more than 1 h each with oneDNN off)"
 	@echo "make reports    chaincomp report for every study into experiments/*/results/"
 	@echo "make strip-notebooks  clear the outputs of notebooks/*.ipynb before a commit"
@@ -66,6 +67,20 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python benchmarks/train_throughput.py
+
+# What a GPU lease without network needs beside the checkout (carried as ignored folders, see
+# benchmarks/gpu_session.sh): wheels of the packages that machine lacks, at the versions of this
+# .venv (antlr4-python3-runtime has no wheel on PyPI: built from its sdist), and CIFAR-10's
+# JPEG archive.
+CARRY_WHEELS = hydra-core omegaconf torch-pruning optuna colorlog
+gpu-carry: setup
+	rm -rf .whl && mkdir -p .whl .gpu
+	$(BIN)/python -m pip download -q --no-deps -d .whl $$(for p in $(CARRY_WHEELS); do \
+		printf '%s==%s ' $$p $$($(BIN)/python -c "import importlib.metadata as m; print(m.version('$$p'))"); done)
+	$(BIN)/python -m pip wheel -q --no-deps -w .whl \
+		antlr4-python3-runtime==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('antlr4-python3-runtime'))")
+	cp "$${CHAINCOMP_DATA_DIR:?set CHAINCOMP_DATA_DIR to the folder holding cifar10-jpeg75.tar.gz}/cifar10-jpeg75.tar.gz" .gpu/
+	@du -sh .whl .gpu
 
 # the order studies write into the stores that are committed beside their results
 ORDERS_STORE = sqlite:///experiments/all_orders/results

@@ -32,7 +32,8 @@
 #
 # Without network on that machine: put wheels of hydra-core, omegaconf, antlr4-python3-runtime,
 # torch-pruning, optuna and colorlog (the sweep's; optuna needs no SQLAlchemy for its journal) in
-# .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both.
+# .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both: `make gpu-carry`
+# makes the two folders (the wheels at the versions of .venv; both are in .gitignore).
 # CHAIN_ARGS / BENCH_ARGS: extra overrides (the CPU proof of this script makes everything tiny);
 # CHAIN_LIMIT / BENCH_LIMIT: seconds allowed per phase; TRITON= (empty) drops --triton (CPU proof).
 set -uo pipefail
