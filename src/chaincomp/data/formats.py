@@ -415,22 +415,22 @@ def read_imagefolder(
     mode = None if channels is None else ("L" if channels == 1 else "RGB")
     splits = list(items)
     blobs = [data for split in splits for _, data in items[split]]
-    results = _decode_all(blobs, mode, image_size)
     where = [(split, cls) for split in splits for cls, _ in items[split]]
-    decoded: list[tuple[str, np.ndarray]] = []
-    for (split, cls), result in zip(where, results, strict=True):
-        if isinstance(result, str):
-            raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({result})")
-        decoded.append(result)
+
+    def decode(indices: list[int], to: str | None) -> list[tuple[str, np.ndarray]]:
+        results = _decode_all([blobs[k] for k in indices], to, image_size)
+        for k, result in zip(indices, results, strict=True):
+            if isinstance(result, str):
+                split, cls = where[k]
+                raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({result})")
+        return results  # type: ignore[return-value]
+
+    decoded = decode(list(range(len(blobs))), mode)
     if mode is None:
         channels = 1 if all(own in GRAY_MODES for own, _ in decoded) else 3
         gray = [k for k, (_, arr) in enumerate(decoded) if arr.shape[2] == 1]
         if channels == 3 and gray:  # grayscale images among colour ones: RGB from their own mode
-            again = _decode_all([blobs[k] for k in gray], "RGB", image_size)
-            for k, result in zip(gray, again, strict=True):
-                if isinstance(result, str):
-                    split, cls = where[k]
-                    raise DataError(f"{path}: cannot decode an image of {split}/{cls} ({result})")
+            for k, result in zip(gray, decode(gray, "RGB"), strict=True):
                 decoded[k] = result
     out: dict[str, np.ndarray] = {}
     start = 0
