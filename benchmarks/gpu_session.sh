@@ -3,7 +3,7 @@
 #   1. the headline chain (experiment=headline_cifar10, tracking off), its summary and run folder;
 #   2. VARIANTS (optional): more headline chains, each with its extra overrides, from the same
 #      prefix cache, so the steps before the first changed one are reused (P/Q/E variants cost
-#      about a minute each); pick among them on validation, not test;
+#      about a minute each; VARIANT_JOBS=N runs N at once); pick among them on validation, not test;
 #   3. the training-throughput benchmark on CIFAR-10 for ResNet-18 (batch 512, exit heads too)
 #      and ResNet-34 (batch 256), bf16-mixed, one round each, QAT with the eager quantizer and
 #      with the Triton kernels (--triton; BENCH=0 skips the benchmark, CHAIN=0 the chain: one
@@ -26,7 +26,8 @@
 # phase has its own time limit, so a slow phase cannot take the next one's results with it.
 #
 #   VARIANTS='chain.steps.P.settings.kd_alpha=0 chain.steps.Q.settings.kd_alpha=0;chain.steps.P.settings.ratio=0.2'
-#   (variants separated by ";", overrides within one by spaces; VARIANT_LIMIT: seconds for each)
+#   (variants separated by ";", overrides within one by spaces; VARIANT_LIMIT: seconds for each;
+#   VARIANT_JOBS: how many run at once, default 1)
 #
 #   OUT=/tmp/out benchmarks/gpu_session.sh
 #
@@ -123,19 +124,39 @@ if [ "${CHAIN:-1}" != 0 ]; then
   tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
 fi
 
+# VARIANT_JOBS=N runs up to N variants at once on the card (default 1: one after another). A
+# lone chain leaves the card idle while the host launches kernels (the small pruned and
+# quantized nets are host-bound), so a few at once should finish sooner than in a row (not
+# yet measured on a card). Their per-step seconds then measure a shared card, not a step's
+# cost; the chain's (phase 1) do.
+# Each then gets its share of the host's cores (OMP_NUM_THREADS, unless set): N processes with a
+# thread per core each oversubscribe the host (on 2 cores, 2 at once ran 20-40x slower).
 IFS=';' read -r -a variants <<<"${VARIANTS:-}"
+jobs_max=${VARIANT_JOBS:-1}
+[[ $jobs_max =~ ^[1-9][0-9]*$ ]] || { echo "VARIANT_JOBS=$jobs_max: a whole number >= 1" >&2; exit 2; }
+variant_env=()
+if [ "$jobs_max" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+  variant_env=("OMP_NUM_THREADS=$(( $(nproc) / jobs_max > 0 ? $(nproc) / jobs_max : 1 ))")
+fi
+# run_variant I OVERRIDES: one variant in its own run folder, its log, its summary
+run_variant() {
+  local i=$1 variant=$2 dir=/tmp/variant_run_$1 start
+  rm -rf "$dir"
+  start=$(date +%s)
+  # shellcheck disable=SC2086
+  env "${variant_env[@]}" CHAINCOMP_QUANT_KERNEL="$chain_kernel" \
+    timeout "${VARIANT_LIMIT:-150}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+    hydra.run.dir="$dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
+  echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
+  cp "$dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null
+}
 i=0
 for variant in "${variants[@]}"; do
   i=$((i + 1))
-  rm -rf "$run_dir"
-  start=$(date +%s)
-  # shellcheck disable=SC2086
-  CHAINCOMP_QUANT_KERNEL=$chain_kernel timeout "${VARIANT_LIMIT:-150}" \
-    $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
-    hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
-  echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
-  cp "$run_dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null
+  while [ "$(jobs -rp | wc -l)" -ge "$jobs_max" ]; do wait -n; done
+  run_variant "$i" "$variant" &
 done
+wait
 
 if [ "${ORDERS:-0}" != 0 ]; then
   # 4. the order study (experiment=orders_cifar10, tracking off: no MLflow on that machine). Its
