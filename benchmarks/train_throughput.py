@@ -126,11 +126,12 @@ class PlainLoop:
         self.x_all, self.y_all = x_all.to(device), y_all.to(device)
         self.mean = dm.mean.to(device).view(1, -1, 1, 1)
         self.std = dm.std.to(device).view(1, -1, 1, 1)
-        self.aug = Augment(dm.cfg.crop_padding, dm.cfg.flip)
+        self.aug = Augment(dm.cfg.crop_padding, dm.cfg.flip, dm.cfg.cutout)
         self.bs = bs = dm.cfg.batch_size
         self.n_batches = len(x_all) // bs if steps is None else min(steps, len(x_all) // bs)
         self.opt, self.sched = module.optim_cfg.build(net.parameters(), self.n_batches * epochs)
         self.gen = torch.Generator(device=device).manual_seed(0)
+        self.cut_gen = torch.Generator(device=device).manual_seed(1)
         self.order = torch.empty(0, dtype=torch.long, device=device)  # start_epoch() draws it
         self.devices = {str(next(net.parameters()).device)}
 
@@ -143,6 +144,8 @@ class PlainLoop:
         if self.aug.active:
             x = self.aug(x, self.gen)
         x = (x - self.mean) / self.std
+        if self.aug.cutout > 0:
+            x = self.aug.cut(x, self.cut_gen)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if i == 0:

@@ -711,6 +711,64 @@ def test_negative_padding_is_rejected() -> None:
         Augment(crop_padding=-1)
 
 
+def test_cutout_zeroes_one_clipped_square_at_a_uniform_centre() -> None:
+    """Each image loses exactly one square (all channels), the window of a centre drawn over
+    every pixel and clipped at the borders: on 8 pixels with side 4, the row windows are the 8
+    below, and 2000 draws hit all of them."""
+    x = torch.ones(2000, 3, 8, 8)
+    out = Augment(cutout=4).cut(x.clone(), torch.Generator().manual_seed(0))
+    windows = {(0, 2), (0, 3), (0, 4), (1, 5), (2, 6), (3, 7), (4, 8), (5, 8)}
+    seen_rows, seen_cols = set(), set()
+    for img in out:
+        hole = img == 0
+        assert torch.equal(hole, hole[:1].expand_as(hole))  # all channels or none
+        rows = hole[0].any(1).nonzero().flatten().tolist()
+        cols = hole[0].any(0).nonzero().flatten().tolist()
+        r, c = (rows[0], rows[-1] + 1), (cols[0], cols[-1] + 1)
+        assert r in windows and c in windows and len(rows) == r[1] - r[0]
+        expected = torch.zeros(8, 8, dtype=torch.bool)
+        expected[r[0] : r[1], c[0] : c[1]] = True
+        assert torch.equal(hole[0], expected)  # one full rectangle, nothing else
+        assert torch.equal(img[~hole], torch.ones(int((~hole).sum())))
+        seen_rows.add(r)
+        seen_cols.add(c)
+    assert seen_rows == windows and seen_cols == windows
+    assert Augment(cutout=0).cut(x, torch.Generator()) is x and not Augment().active
+    assert Augment(cutout=1).active
+
+
+@pytest.mark.parametrize("task", ["classify", "rotation"])
+def test_cutout_changes_only_its_square_in_training_batches(task: str) -> None:
+    """The same seed with and without Cutout: the same crops, flips and task targets; the only
+    difference is a square of zeros (the training mean) per image; evaluation batches are not
+    cut."""
+    batches = {}
+    for cutout in (0, 3):
+        cfg = DataConfig(name="digits", crop_padding=2, flip=True, cutout=cutout, task=task)
+        dm = ChainDataModule(cfg)
+        train = [(x.clone(), t.clone()) for x, t in dm.loader("train", "cpu")]
+        val = [(x.clone(), t.clone()) for x, t in dm.loader("val", "cpu")]
+        batches[cutout] = train, val
+    (plain, plain_val), (cut, cut_val) = batches[0], batches[3]
+    assert len(plain) == len(cut) > 1
+    holes = 0
+    for (xp, tp), (xc, tc) in zip(plain, cut, strict=True):
+        assert torch.equal(tp, tc)
+        assert torch.equal(torch.where(xc == 0, xp, xc), xp)  # differs only by zeros
+        changed = (xc != xp).flatten(1).any(1)
+        holes += int(changed.sum())
+        assert ((xc == 0).flatten(1).sum(1) >= 4).all()  # at least a 2 x 2 corner of 3 x 3
+    assert holes > 0.9 * sum(len(x) for x, _ in cut)
+    for (xp, tp), (xc, tc) in zip(plain_val, cut_val, strict=True):
+        assert torch.equal(xp, xc) and torch.equal(tp, tc)
+
+
+@pytest.mark.parametrize("value", [-1, 2.5, True])
+def test_bad_cutout_is_one_error_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError, match=r"data.cutout: .*allowed: an integer >= 0"):
+        DataConfig(name="digits", cutout=value)  # type: ignore[arg-type]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_live_on_cuda() -> None:

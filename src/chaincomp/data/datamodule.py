@@ -38,6 +38,7 @@ class DataConfig:
     eval_batch_size: int = 1024
     crop_padding: int = 0
     flip: bool = False
+    cutout: int = 0
     max_train_samples: int | None = None
     channels: int | None = None
     image_size: int | None = None
@@ -77,7 +78,7 @@ class DataConfig:
             raise ConfigError(
                 "data.mean", "mean and std must be given together", "both lists or both null"
             )
-        Augment(self.crop_padding, self.flip)  # validates
+        Augment(self.crop_padding, self.flip, self.cutout)  # validates
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -215,7 +216,7 @@ class ChainDataModule(pl.LightningDataModule):
             c.batch_size if train else c.eval_batch_size,
             shuffle=train,
             drop_last=train and len(x) > c.batch_size,
-            augment=Augment(c.crop_padding, c.flip) if train else None,
+            augment=Augment(c.crop_padding, c.flip, c.cutout) if train else None,
             extras=None if train else extras,
             seed=c.seed,
             channels_last=self.channels_last,

@@ -2,8 +2,8 @@
 
 Datasets of this size fit in accelerator memory: the whole split is kept on the device as uint8
 NCHW, and every batch is gathered, augmented (random crop with zero padding + horizontal flip),
-turned into the task's (inputs, target) and normalised on the device. No worker processes, no
-host-to-device copies per step.
+turned into the task's (inputs, target), normalised and cut out (Cutout) on the device. No worker
+processes, no host-to-device copies per step.
 """
 
 from __future__ import annotations
@@ -16,21 +16,46 @@ from torch import Tensor
 from chaincomp.errors import ConfigError
 from chaincomp.tasks import Task
 
+# Cutout's generator per pass is seeded apart from the pass's own (seed + pass index)
+CUTOUT_SEED_OFFSET = 1_000_003
+
 
 @dataclass(frozen=True)
 class Augment:
-    """Random crop (zero padding of ``crop_padding`` pixels, then crop back) and horizontal flip."""
+    """Random crop (zero padding of ``crop_padding`` pixels, then crop back), horizontal flip,
+    and Cutout (DeVries & Taylor, 2017): a ``cutout`` x ``cutout`` square per image, centred on
+    a uniformly drawn pixel and clipped at the borders, set to zero after normalisation (the
+    training mean). ``__call__`` does crop and flip on [0, 1] pixels; :meth:`cut` the square, on
+    normalised inputs, from its own generator (:class:`DeviceBatches` seeds one per pass), so
+    turning Cutout on changes nothing else: the same order, crops, flips and task targets."""
 
     crop_padding: int = 0
     flip: bool = False
+    cutout: int = 0
 
     def __post_init__(self) -> None:
-        if self.crop_padding < 0:
-            raise ConfigError("data.crop_padding", f"{self.crop_padding} is negative", ">= 0")
+        for key in ("crop_padding", "cutout"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"data.{key}", f"{value!r} invalid", "an integer >= 0")
 
     @property
     def active(self) -> bool:
-        return self.crop_padding > 0 or self.flip
+        return self.crop_padding > 0 or self.flip or self.cutout > 0
+
+    def cut(self, x: Tensor, generator: torch.Generator) -> Tensor:
+        """``x`` (normalised, NCHW) with each image's Cutout square set to zero, in place."""
+        if self.cutout <= 0:
+            return x
+        b, _, h, w = x.shape
+        s, dev = self.cutout, x.device
+        top = torch.randint(0, h, (b, 1), device=dev, generator=generator) - s // 2
+        left = torch.randint(0, w, (b, 1), device=dev, generator=generator) - s // 2
+        rows = torch.arange(h, device=dev)
+        cols = torch.arange(w, device=dev)
+        in_rows = (rows >= top) & (rows < top + s)  # (b, h)
+        in_cols = (cols >= left) & (cols < left + s)  # (b, w)
+        return x.masked_fill_((in_rows[:, :, None] & in_cols[:, None, :])[:, None], 0.0)
 
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         b, c, h, w = x.shape
@@ -98,6 +123,11 @@ class DeviceBatches:
         n, dev = len(self.images), self.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(self.seed + self.passes)
+        cutter: tuple[Augment, torch.Generator] | None = None
+        if self.augment is not None and self.augment.cutout > 0:
+            cut_gen = torch.Generator(device=dev)
+            cut_gen.manual_seed(self.seed + self.passes + CUTOUT_SEED_OFFSET)
+            cutter = self.augment, cut_gen
         self.passes += 1
         order = torch.randperm(n, device=dev, generator=gen) if self.shuffle else None
         for i in range(len(self)):
@@ -109,6 +139,8 @@ class DeviceBatches:
             extras = self.extras[idx] if self.extras is not None else None
             x, target = self.task.prepare(x, self.labels[idx], extras, gen)
             x = (x - self.mean) * self.inv_std
+            if cutter is not None:
+                x = cutter[0].cut(x, cutter[1])
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             yield x, target
