@@ -763,6 +763,24 @@ def test_cutout_changes_only_its_square_in_training_batches(task: str) -> None:
         assert torch.equal(xp, xc) and torch.equal(tp, tc)
 
 
+def test_training_augment_is_scoped_to_its_block() -> None:
+    """A step's Cutout holds inside the block only, also when the block fails; None keeps the
+    data's own setting; a bad side is the data's one error."""
+    dm = ChainDataModule(DataConfig(name="digits", cutout=2))
+    with dm.training_augment(cutout=5):
+        assert dm.loader("train", "cpu").augment.cutout == 5  # type: ignore[union-attr]
+    assert dm.cfg.cutout == 2
+    with pytest.raises(RuntimeError), dm.training_augment(cutout=0):
+        assert dm.loader("train", "cpu").augment is None  # crop 0, no flip, no Cutout
+        raise RuntimeError
+    assert dm.cfg.cutout == 2
+    with dm.training_augment(cutout=None):
+        assert dm.cfg.cutout == 2
+    with pytest.raises(ConfigError, match="data.cutout"), dm.training_augment(cutout=-1):
+        pass
+    assert dm.cfg.cutout == 2
+
+
 @pytest.mark.parametrize("value", [-1, 2.5, True])
 def test_bad_cutout_is_one_error_naming_the_key(value: object) -> None:
     with pytest.raises(ConfigError, match=r"data.cutout: .*allowed: an integer >= 0"):

@@ -7,12 +7,15 @@ replay from the record rebuilds a net whose outputs equal the compressed one's.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
 
@@ -27,7 +30,13 @@ STAGE_FILES = sorted(CONF.glob("stage/*.yaml"))
 
 # per stage: (key, bad value) pairs that construction must reject
 BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
-    "distill": [("alpha", 1.5), ("temperature", 0.0), ("width_mult", 0.0), ("epochs", -1)],
+    "distill": [
+        ("alpha", 1.5),
+        ("temperature", 0.0),
+        ("width_mult", 0.0),
+        ("epochs", -1),
+        ("cutout", -1),
+    ],
     "prune": [
         ("ratio", 1.0),
         ("ratio", 0.0),
@@ -36,6 +45,7 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("macs_target", 1.2),
         ("kd_alpha", 1.0),
         ("kd_temperature", 0.0),
+        ("cutout", 2.5),
     ],
     "quantize": [
         ("w_bits", 0),
@@ -45,12 +55,14 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("first_bits", 0),
         ("kd_alpha", -0.1),
         ("kd_teacher", "teacher"),
+        ("cutout", True),
     ],
     "early_exit": [
         ("head", "mlp"),
         ("threshold", -0.1),
         ("train", "sometimes"),
         ("points", [2, 1]),
+        ("cutout", -3),
     ],
     "lowrank": [
         ("rank_ratio", 0.0),
@@ -58,6 +70,7 @@ BAD_VALUES: dict[str, list[tuple[str, Any]]] = {
         ("energy", 0.0),
         ("min_channels", 0),
         ("kd_alpha", 1.0),
+        ("cutout", "8"),
     ],
 }
 
@@ -143,3 +156,35 @@ def test_apply_forward_summary_replay(
     with torch.no_grad():
         again = fresh(x)
     assert torch.equal(out, again)
+
+
+def test_every_stage_trains_on_its_cutout(stage_yaml: dict[str, Any], digits_base) -> None:  # type: ignore[no-untyped-def]
+    """``settings.cutout`` reaches every fit of every stage: the batches its fits train on are
+    the data's own batches with a square of zeros (the mean) per image; the data's setting
+    (no Cutout) is back after the step."""
+    cfg, dm, net = digits_base
+    assert dm.cfg.cutout == 0
+    cls = stage_class(stage_yaml["stage"])
+    stage = cls.from_config({**_fast(stage_yaml["settings"]), "cutout": 3})
+    module = build_module(cfg, dm, copy.deepcopy(net))
+    ctx = make_ctx(cfg, dm, max_batches=2)
+    seen: list[torch.Tensor] = []
+
+    class FirstBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
+            if batch_idx == 0:
+                seen.append(batch[0].detach().cpu().clone())
+
+    real = ctx.fit
+
+    def fit(module: Any, epochs: int, callbacks: Any = (), lr: Any = None) -> float:
+        return float(real(module, epochs, callbacks=[*callbacks, FirstBatch()], lr=lr))
+
+    stage.run(module, dataclasses.replace(ctx, fit=fit))
+    assert seen, "the stage trained on no batch"
+    assert dm.cfg.cutout == 0
+    plain, _ = next(iter(dm.loader("train", "cpu")))  # a new loader's first pass: the same draws
+    for x in seen:
+        assert x.shape == plain.shape
+        assert torch.equal(torch.where(x == 0, plain, x), plain)  # differs only by zeros
+        assert ((x != plain).flatten(1).any(1)).float().mean() > 0.9  # nearly every image cut

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -221,6 +224,20 @@ class ChainDataModule(pl.LightningDataModule):
             seed=c.seed,
             channels_last=self.channels_last,
         )
+
+    @contextmanager
+    def training_augment(self, cutout: int | None = None) -> Iterator[None]:
+        """Within the block, training loaders cut out squares of side ``cutout`` (None: keep
+        ``data.cutout``); the data's own setting is back afterwards, also after an error."""
+        if cutout is None:
+            yield
+            return
+        before = self.cfg
+        self.cfg = dataclasses.replace(before, cutout=cutout)
+        try:
+            yield
+        finally:
+            self.cfg = before
 
     def train_dataloader(self) -> DeviceBatches:
         return self.loader("train")

@@ -53,11 +53,15 @@ class StageSettings:
 
     Contract: construction validates every value and raises :class:`ConfigError` naming
     ``<prefix>.<key>`` and the allowed values; ``from_dict`` also rejects unknown keys.
-    ``epochs`` is the fine-tune length, ``lr`` its peak learning rate (None = ``optim.lr``).
+    ``epochs`` is the fine-tune length, ``lr`` its peak learning rate (None = ``optim.lr``),
+    ``cutout`` the Cutout side of its training batches (None = ``data.cutout``; 0 = none), so a
+    step can train on harder views than the baseline did (e.g. a long D that matches the
+    teacher on cut-out images) without changing the baseline or its cache key.
     """
 
     epochs: int = 1
     lr: float | None = None
+    cutout: int | None = None
 
     # set by from_dict so that errors name the full config key
     prefix: str = field(default="stage", repr=False, compare=False)
@@ -65,6 +69,17 @@ class StageSettings:
     def __post_init__(self) -> None:
         self.check(self.epochs >= 0, "epochs", self.epochs, "an integer >= 0")
         self.check(self.lr is None or self.lr > 0, "lr", self.lr, "null or > 0")
+        self.check(
+            self.cutout is None
+            or (
+                isinstance(self.cutout, int)
+                and not isinstance(self.cutout, bool)
+                and self.cutout >= 0
+            ),
+            "cutout",
+            self.cutout,
+            "null (data.cutout) or an integer >= 0",
+        )
 
     def check(self, ok: bool, key: str, value: Any, allowed: str | Sequence[Any]) -> None:
         if not ok:
@@ -362,8 +377,9 @@ class Stage(pl.Callback, ABC, Generic[S, R]):
         """Make the change permanent after the fine-tune (default: nothing to do)."""
 
     def run(self, module: CompressibleModule, ctx: StageContext) -> R:
-        """apply -> each phase (``before`` then one fit with this stage as a callback) ->
-        finalize; returns the record. With :class:`FineTuneSettings` ``kd_alpha`` > 0 the fits
+        """apply -> each phase (``before`` then one fit with this stage as a callback, on
+        training batches cut out at ``settings.cutout`` where set) -> finalize; returns the
+        record. With :class:`FineTuneSettings` ``kd_alpha`` > 0 the fits
         also distil from a frozen copy of the net as this step received it (taken before
         ``apply``) or of the chain's baseline; the term is removed before ``finalize``. Stages
         do not override this."""
@@ -378,10 +394,11 @@ class Stage(pl.Callback, ABC, Generic[S, R]):
             module.loss_terms["kd_input"] = teacher
             module.task_weight = 1.0 - alpha
         try:
-            for phase in self.phases(module, ctx, record):
-                if phase.before is not None:
-                    phase.before()
-                record.train_time_s += ctx.fit(module, phase.epochs, callbacks=[self], lr=s.lr)
+            with ctx.dm.training_augment(cutout=s.cutout):
+                for phase in self.phases(module, ctx, record):
+                    if phase.before is not None:
+                        phase.before()
+                    record.train_time_s += ctx.fit(module, phase.epochs, callbacks=[self], lr=s.lr)
         finally:
             if teacher is not None:
                 module.loss_terms.pop("kd_input", None)
