@@ -115,11 +115,13 @@ run_dir=/tmp/headline_run
 if [ "${CHAIN:-1}" != 0 ]; then
   rm -rf "$run_dir"
   start=$(date +%s)
+  set -f  # CHAIN_ARGS split on spaces, not globbed
   # shellcheck disable=SC2086
   CHAINCOMP_QUANT_KERNEL=$chain_kernel timeout "${CHAIN_LIMIT:-400}" \
     $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
     hydra.run.dir="$run_dir" ${CHAIN_ARGS:-} >"$OUT/headline.log" 2>&1
   echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
+  set +f
   cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
   tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
 fi
@@ -128,23 +130,25 @@ fi
 # lone chain leaves the card idle while the host launches kernels (the small pruned and
 # quantized nets are host-bound), so a few at once should finish sooner than in a row (not
 # yet measured on a card). Their per-step seconds then measure a shared card, not a step's
-# cost; the chain's (phase 1) do.
+# cost; the chain's (phase 1) do. Variants that need the same step not yet cached each train
+# it (the cache has no lock): run the chain (phase 1) first, as the planned calls do.
 # Each then gets its share of the host's cores (OMP_NUM_THREADS, unless set): N processes with a
 # thread per core each oversubscribe the host (on 2 cores, 2 at once ran 20-40x slower).
 IFS=';' read -r -a variants <<<"${VARIANTS:-}"
 jobs_max=${VARIANT_JOBS:-1}
 [[ $jobs_max =~ ^[1-9][0-9]*$ ]] || { echo "VARIANT_JOBS=$jobs_max: a whole number >= 1" >&2; exit 2; }
-variant_env=()
+variant_env=(CHAINCOMP_QUANT_KERNEL="$chain_kernel")  # never empty: "${a[@]}" of an empty array fails under set -u before bash 4.4
 if [ "$jobs_max" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
-  variant_env=("OMP_NUM_THREADS=$(( $(nproc) / jobs_max > 0 ? $(nproc) / jobs_max : 1 ))")
+  variant_env+=("OMP_NUM_THREADS=$(( $(nproc) / jobs_max > 0 ? $(nproc) / jobs_max : 1 ))")
 fi
 # run_variant I OVERRIDES: one variant in its own run folder, its log, its summary
 run_variant() {
   local i=$1 variant=$2 dir=/tmp/variant_run_$1 start
+  set -f  # overrides split on spaces, never globbed (x.points=[1,2] would match a file)
   rm -rf "$dir"
   start=$(date +%s)
   # shellcheck disable=SC2086
-  env "${variant_env[@]}" CHAINCOMP_QUANT_KERNEL="$chain_kernel" \
+  env "${variant_env[@]}" \
     timeout "${VARIANT_LIMIT:-150}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
     hydra.run.dir="$dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
   echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"

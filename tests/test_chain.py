@@ -83,6 +83,12 @@ def test_prefix_keys_depend_on_content_not_names(tmp_path: Path) -> None:
     assert prefix_keys(c, chain_spec(c)) == a
     d = _cfg(tmp_path, "chain.steps.P.settings.ratio=0.4")
     assert prefix_keys(d, chain_spec(d))[:2] == a[:2] and prefix_keys(d, chain_spec(d))[2] != a[2]
+    # a step's own Cutout keeps the baseline and the steps before it; data.cutout is the
+    # baseline's (every key changes)
+    f = _cfg(tmp_path, "chain.steps.P.settings.cutout=8")
+    assert prefix_keys(f, chain_spec(f))[:2] == a[:2] and prefix_keys(f, chain_spec(f))[2] != a[2]
+    g = _cfg(tmp_path, "data.cutout=8")
+    assert all(x != y for x, y in zip(prefix_keys(g, chain_spec(g)), a, strict=True))
     # kernels that round differently train another baseline on the CPU
     for kernel in ("channels_last", "cpu_onednn", "cpu_fast_batchnorm"):
         e = _cfg(tmp_path, f"trainer.{kernel}=false")

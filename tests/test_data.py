@@ -735,6 +735,10 @@ def test_cutout_zeroes_one_clipped_square_at_a_uniform_centre() -> None:
     assert seen_rows == windows and seen_cols == windows
     assert Augment(cutout=0).cut(x, torch.Generator()) is x and not Augment().active
     assert Augment(cutout=1).active
+    # an odd side is centred on its pixel: side 3 on 8 pixels
+    out = Augment(cutout=3).cut(torch.ones(2000, 1, 8, 8), torch.Generator().manual_seed(1))
+    rows = {tuple(r.nonzero().flatten()[[0, -1]].tolist()) for r in (out[:, 0] == 0).any(2)}
+    assert rows == {(0, 1), (0, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7), (6, 7)}
 
 
 @pytest.mark.parametrize("task", ["classify", "rotation"])
@@ -790,9 +794,12 @@ def test_bad_cutout_is_one_error_naming_the_key(value: object) -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_batches_live_on_cuda() -> None:
-    dm = ChainDataModule(DataConfig(name="digits", crop_padding=2, flip=True, task="rotation"))
+    dm = ChainDataModule(
+        DataConfig(name="digits", crop_padding=2, flip=True, cutout=3, task="rotation")
+    )
     x, t = next(iter(dm.loader("train", "cuda")))
     assert x.is_cuda and t.is_cuda
+    assert ((x == 0).flatten(1).sum(1) >= 4).all()  # each image cut (at least a 2 x 2 corner)
 
 
 def test_decode_benchmark_script(tmp_path: Path) -> None:

@@ -578,7 +578,7 @@ def test_a_misspelled_search_key_stops_the_sweep_before_any_trial(tmp_path: Path
     [
         (
             "+chain.steps.P.search.ratoi={type: float, low: 0.1, high: 0.5}",
-            "chain.steps.P.search.ratoi: prune has no setting 'ratoi'; allowed: epochs, importance",
+            "chain.steps.P.search.ratoi: prune has no setting 'ratoi'; allowed: cutout, epochs, importance",
         ),
         ("chain.steps.Q.search.w_bits.high=9", "chain.steps.Q.search.w_bits: value 9 is invalid"),
         (

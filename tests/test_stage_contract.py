@@ -188,3 +188,12 @@ def test_every_stage_trains_on_its_cutout(stage_yaml: dict[str, Any], digits_bas
         assert x.shape == plain.shape
         assert torch.equal(torch.where(x == 0, plain, x), plain)  # differs only by zeros
         assert ((x != plain).flatten(1).any(1)).float().mean() > 0.9  # nearly every image cut
+
+
+def test_whole_floats_become_ints_for_optional_int_settings() -> None:
+    """``8.0`` is accepted for an ``int | None`` setting as for an ``int`` one; ``8.5`` is not."""
+    settings: Any = stage_class("prune").from_config({"cutout": 8.0, "round_to": 4.0}).settings
+    assert (settings.cutout, settings.round_to) == (8, 4)
+    assert isinstance(settings.cutout, int) and isinstance(settings.round_to, int)
+    with pytest.raises(ConfigError, match=r"stage\.prune\.cutout"):
+        stage_class("prune").from_config({"cutout": 8.5})

@@ -96,7 +96,13 @@ class StageSettings:
                 raise ConfigError(f"{prefix}.{key}", f"invalid value {value!r}", f"a {hint}")
             if hint == "float" and isinstance(value, int):
                 values[key] = float(value)
-            if hint == "int" and isinstance(value, float) and value.is_integer():
+            if (
+                "int" in hint
+                and "float" not in hint
+                and "tuple" not in hint
+                and isinstance(value, float)
+                and value.is_integer()
+            ):
                 values[key] = int(value)
             if "int" in hint and "float" not in hint and isinstance(value, str):
                 raise ConfigError(f"{prefix}.{key}", f"invalid value {value!r}", "an integer")
