@@ -144,8 +144,7 @@ class PlainLoop:
         if self.aug.active:
             x = self.aug(x, self.gen)
         x = (x - self.mean) / self.std
-        if self.aug.cutout > 0:
-            x = self.aug.cut(x, self.cut_gen)
+        x = self.aug.cut(x, self.cut_gen)  # no draw, x as is, without Cutout
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         if i == 0:
