@@ -154,6 +154,87 @@ def test_prefix_cache_runs_each_distinct_prefix_once(tmp_path: Path) -> None:
     assert all(s.bitops_ratio > 1 for s in summaries)
 
 
+def _chain_after_barrier(cfg, out: str, barrier, queue) -> None:  # type: ignore[no-untyped-def]
+    """A worker of the test below: run the chain once every worker is ready; put its stats."""
+    stats = CacheStats()
+    barrier.wait(timeout=120)
+    run_chain(cfg, out, stats=stats)
+    queue.put((stats.baselines_trained, stats.executed, stats.waited_s))
+
+
+def test_concurrent_chains_train_a_shared_prefix_once(tmp_path: Path) -> None:
+    # two processes start P->Q and P->E at the same moment on one cache: without the compute
+    # lock both train the baseline and P; with it one waits and takes both from the cache
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_chain_after_barrier,
+            args=(_cfg(tmp_path, f"chain.order=[P,{last}]"), str(tmp_path / last), barrier, queue),
+        )
+        for last in ("Q", "E")
+    ]
+    for proc in procs:
+        proc.start()
+    results = [queue.get(timeout=300) for _ in procs]
+    for proc in procs:
+        proc.join(30)
+        assert proc.exitcode == 0
+    assert sum(r[0] for r in results) == 1  # one baseline trained, not two
+    assert sum(r[1] for r in results) == 3  # P once, then Q and E: 3 stage runs, not 4
+    assert sorted(r[2] > 0 for r in results) == [False, True]  # exactly one waited
+    assert not list((tmp_path / "cache").glob("*.lock"))  # every lock released
+
+
+def test_compute_lock_follows_its_holder(tmp_path: Path) -> None:
+    import os
+
+    from chaincomp.chain.cache import PrefixCache
+    from chaincomp.tracking import BOOT, HOST
+
+    cache, key = PrefixCache(tmp_path), "k" * 20
+    code = (
+        "import sys, time; from chaincomp.chain.cache import PrefixCache; "
+        "print(PrefixCache(sys.argv[1]).claim(sys.argv[2]), flush=True); time.sleep(120)"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path), key], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "True"
+        assert not cache.claim(key)  # a live process holds it
+        assert cache.holder(key) == {"host": HOST, "boot": BOOT, "pid": child.pid}
+        cache.release(key)  # not ours: stays
+        assert cache.holder(key) is not None
+    finally:
+        child.kill()
+        child.wait()
+    assert cache.holder(key) is None  # its holder died: free, and taken over
+    assert cache.claim(key) and cache.claim(key)  # held, and re-entrant
+    cache.release(key)
+    assert not (tmp_path / f"{key}.lock").exists()
+    # another boot of this host: gone; another host: honoured until FOREIGN_LOCK_S old
+    lock = tmp_path / f"{key}.lock"
+    lock.write_text(json.dumps({"host": HOST, "boot": "another-boot", "pid": os.getpid() + 1}))
+    assert BOOT == "" or cache.holder(key) is None
+    lock.write_text(json.dumps({"host": "elsewhere", "boot": "b", "pid": 1}))
+    assert not cache.claim(key)
+    old = lock.stat().st_mtime - PrefixCache.FOREIGN_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cache.claim(key)
+    # a lock file still being written counts as held while fresh
+    cache.release(key)
+    lock.write_text("")
+    assert not cache.claim(key)
+    old = lock.stat().st_mtime - PrefixCache.FRESH_LOCK_S - 1
+    os.utime(lock, (old, old))
+    assert cache.claim(key)
+    # the cache turned off: nothing to lock
+    assert PrefixCache(None).claim(key) and PrefixCache(None).holder(key) is None
+
+
 @pytest.mark.slow
 def test_all_24_orders_on_digits(tmp_path: Path) -> None:
     # 24 orders of {D, P, Q, E}: 96 stage steps, 4 + 12 + 24 + 24 = 64 distinct prefixes. Every

@@ -11,6 +11,13 @@ An entry is a directory ``<root>/<key>/`` with ``weights.pt`` (a state dict, loa
 ``weights_only=True``) and ``entry.json`` (records, rows, keys, the trainable-parameter map),
 written to a temporary directory and renamed into place, so concurrent workers never see half an
 entry.
+
+Concurrent workers (a sweep's ``search.n_workers``) would otherwise train the same prefix each,
+the baseline first: a process computing the state under a key holds that key's *compute lock*
+(``<root>/<key>.lock``, :meth:`PrefixCache.claim`), and a chain whose next uncomputed prefix is
+locked by a live process waits for it and then takes it from the cache. The lock saves work
+only: correctness never depends on it (entries are written atomically, and a chain that cannot
+take a lock computes the prefix itself, as it would without one).
 """
 
 from __future__ import annotations
@@ -23,8 +30,10 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +44,7 @@ from omegaconf import DictConfig
 from chaincomp.chain.spec import ChainSpec
 from chaincomp.pipeline import config_section, optim_config, trainer_config
 from chaincomp.stages import stages
+from chaincomp.tracking import BOOT, HOST, pid_alive
 from chaincomp.utils import writable_dir
 
 log = logging.getLogger("chaincomp.cache")
@@ -85,8 +95,9 @@ def code_fingerprint() -> str:
 class CacheStats:
     """How many stage executions a run (or a series of runs) did and skipped: ``executed``
     stage runs (the baseline not counted), ``reused`` steps taken from the cache,
-    ``baselines_trained``, ``stale`` entries ignored, and ``epochs`` of training spent (the
-    baseline's and every executed step's)."""
+    ``baselines_trained``, ``stale`` entries ignored, ``epochs`` of training spent (the
+    baseline's and every executed step's) and ``waited_s``, seconds spent waiting for a prefix
+    another process was computing."""
 
     executed: int = 0
     reused: int = 0
@@ -94,6 +105,7 @@ class CacheStats:
     stale: int = 0
     epochs: int = 0
     executed_keys: list[str] = field(default_factory=list)
+    waited_s: float = 0.0  # seconds spent waiting for prefixes other processes were computing
 
 
 def digest(obj: Any) -> str:
@@ -202,6 +214,87 @@ class PrefixCache:
                 raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- compute locks (module docstring) ------------------------------------------------------
+
+    #: a lock of another host cannot be checked for a live holder: honoured this long at most
+    FOREIGN_LOCK_S = 6 * 3600.0
+    #: a lock file not yet readable (its holder is writing it) counts as held this long
+    FRESH_LOCK_S = 10.0
+
+    def _lock(self, key: str) -> Path | None:
+        return self.root / f"{key}.lock" if self.root else None
+
+    def holder(self, key: str) -> dict[str, Any] | None:
+        """Who holds the compute lock of ``key`` (``host``, ``boot``, ``pid``), when a live
+        process does: None when the key is unlocked or its holder is gone (a dead pid of this
+        host and boot, another boot of this host, or a lock of another host older than
+        :attr:`FOREIGN_LOCK_S`)."""
+        path = self._lock(key)
+        if path is None:
+            return None
+        try:
+            age = time.time() - path.stat().st_mtime
+            who = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):  # being written: held while fresh
+            return {"host": HOST, "boot": BOOT, "pid": -1} if age < self.FRESH_LOCK_S else None
+        if not isinstance(who, dict):
+            return None
+        if who.get("host") != HOST:
+            return who if age < self.FOREIGN_LOCK_S else None
+        if who.get("boot") and BOOT and who.get("boot") != BOOT:
+            return None
+        pid = who.get("pid")
+        return who if isinstance(pid, int) and (pid == os.getpid() or pid_alive(pid)) else None
+
+    def claim(self, key: str) -> bool:
+        """Take the compute lock of ``key``: True when this process holds it now (also when it
+        already did, or when the cache is off), False while another live process holds it. A
+        lock whose holder is gone (:meth:`holder`) is replaced."""
+        path = self._lock(key)
+        if path is None:
+            return True
+        assert self.root is not None
+        self.root.mkdir(parents=True, exist_ok=True)
+        me = {"host": HOST, "boot": BOOT, "pid": os.getpid()}
+        for _ in range(3):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                who = self.holder(key)
+                if who == me:
+                    return True
+                if who is not None:
+                    return False
+                path.unlink(missing_ok=True)  # its holder is gone
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(me, f)
+            return True
+        return False
+
+    @contextmanager
+    def holding(self) -> Iterator[set[str]]:
+        """A set for the keys whose locks a run takes (:meth:`claim`): every one still in it
+        is released on leaving, whatever ends the run."""
+        held: set[str] = set()
+        try:
+            yield held
+        finally:
+            for key in held:
+                self.release(key)
+
+    def release(self, key: str) -> None:
+        """Drop this process's compute lock of ``key`` (nothing when it holds none)."""
+        path = self._lock(key)
+        if path is not None and self.holder(key) == {
+            "host": HOST,
+            "boot": BOOT,
+            "pid": os.getpid(),
+        }:
+            path.unlink(missing_ok=True)
 
     @staticmethod
     def _current(path: Path) -> bool:

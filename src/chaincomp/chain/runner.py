@@ -44,6 +44,9 @@ from chaincomp.utils import seed_everything
 
 log = logging.getLogger("chaincomp.chain")
 
+#: seconds between two looks at a prefix another process is computing
+LOCK_POLL_S = 0.5
+
 
 def run_chain(
     cfg: DictConfig,
@@ -106,7 +109,10 @@ def run_chain(
         tracker.reap_dead()  # runs a killed predecessor left RUNNING
     name = run_name or f"chain {spec.letters or 'baseline'}"
     all_tags = {"chaincomp.command": "run", "chaincomp.order": spec.letters, **(tags or {})}
-    with tracker.run(name=name, parent=parent, tags=all_tags) as chain_run:
+    with (
+        tracker.run(name=name, parent=parent, tags=all_tags) as chain_run,
+        cache.holding() as held,
+    ):
         if on_start:
             on_start(chain_run.run_id)
         chain_run.log_params(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
@@ -136,6 +142,9 @@ def run_chain(
                 kept["net"] = net
             return kept["net"]
 
+        # another process computing this chain's next uncached prefix (a sweep's worker): wait
+        # for it, then take that prefix from the cache (module docstring of chain.cache)
+        _wait_for_others(cache, keys, held, stats, name)
         # the longest cached prefix (index into keys); -1 = nothing, not even the baseline
         start, found, stale_before = -1, None, stats.stale
         for k in range(len(keys) - 1, -1, -1):
@@ -189,6 +198,8 @@ def run_chain(
             model_cfg = rec.net_config() or model_cfg
         for k in range(start + 1, len(keys)):
             t0 = time.perf_counter()
+            if cache.claim(keys[k]):  # held already, unless a stale entry moved the start
+                held.add(keys[k])
             if k == 0:
                 label = "baseline"
                 with tracker.run(
@@ -294,6 +305,12 @@ def run_chain(
             entry["keys"].append(keys[k])
             entry["trainable"] = trainable_names(module.net)
             cache.store(keys[k], entry, module.net)
+            # hand over hand: the next prefix is ours before this one is free, so a process
+            # waiting on this one then waits on the next (if its chain goes on the same way)
+            if k + 1 < len(keys) and cache.claim(keys[k + 1]):
+                held.add(keys[k + 1])
+            cache.release(keys[k])
+            held.discard(keys[k])
             if on_step:
                 on_step(row)
 
@@ -327,6 +344,35 @@ def run_chain(
         chain_run.log_artifact(out / "chain" / "entry.json", "chain")
         chain_run.log_artifact(out / "chain" / "weights.pt", "chain")
     return result
+
+
+def _wait_for_others(
+    cache: PrefixCache, keys: list[str], held: set[str], stats: CacheStats, name: str
+) -> None:
+    """Until this process holds the compute lock of the chain's next uncached prefix (or the
+    whole chain is cached): while another live process holds it, wait (polling every
+    :data:`LOCK_POLL_S`); the prefix it computes is then in the cache."""
+    t0, said = time.perf_counter(), False
+    while True:
+        nxt = next((k for k in range(len(keys) - 1, -1, -1) if cache.has(keys[k])), -1) + 1
+        if nxt >= len(keys) or cache.claim(keys[nxt]):
+            if nxt < len(keys):
+                held.add(keys[nxt])
+            break
+        if not said:
+            who = cache.holder(keys[nxt]) or {}
+            log.info(
+                "%s: waiting for %s, which process %s on %s is computing",
+                name,
+                "the baseline" if nxt == 0 else f"step {nxt}",
+                who.get("pid"),
+                who.get("host"),
+            )
+            said = True
+        time.sleep(LOCK_POLL_S)
+    if said:
+        stats.waited_s += time.perf_counter() - t0
+        log.info("%s: waited %.1f s", name, time.perf_counter() - t0)
 
 
 def load_checkpoint(path: str, net: torch.nn.Module) -> None:
