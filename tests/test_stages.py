@@ -439,45 +439,6 @@ def test_distill_transfers_bits_and_exits_and_drops_pruning(digits_base, digits_
     assert not module.loss_terms and module.task_weight == 1.0
 
 
-def test_distill_trains_the_quantized_student_at_quant_lr(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
-    # D after Q: a float warm-up at the step's rate, then the quantized fit at quant_lr; the
-    # peak rate each fit's optimizer actually reached is read from the optimizer per batch
-    import pytorch_lightning as pl
-
-    from chaincomp.errors import ConfigError
-
-    cfg, dm, _ = digits_base
-    module = digits_module
-    ctx = make_ctx(cfg, dm, max_batches=3)
-    ctx.records.append(Quantize.from_config({"epochs": 0, "w_bits": 4}).run(module, ctx))
-    peaks: list[tuple[int, float, bool]] = []
-    real_fit = ctx.fit
-
-    class PeakLr(pl.Callback):
-        def __init__(self) -> None:
-            self.lrs: list[float] = []
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
-            self.lrs.append(max(g["lr"] for g in trainer.optimizers[0].param_groups))
-
-    def spy_fit(module, epochs, callbacks=(), lr=None):  # type: ignore[no-untyped-def]
-        spy = PeakLr()
-        seconds = real_fit(module, epochs, callbacks=[*callbacks, spy], lr=lr)
-        quantized = any(isinstance(m, QuantConv2d) for m in module.net.modules())
-        peaks.append((epochs, max(spy.lrs), quantized))
-        return seconds
-
-    ctx.fit = spy_fit
-    Distill.from_config({"epochs": 2, "quant_lr": 0.004}).run(module, ctx)
-    base_lr = float(cfg.optim.lr)
-    assert base_lr != 0.004
-    # the student carries its quantizers from the start; they are calibrated before fit 2
-    assert [(e, q) for e, _, q in peaks] == [(1, True), (1, True)]
-    assert peaks[0][1] == pytest.approx(base_lr) and peaks[1][1] == pytest.approx(0.004)
-    with pytest.raises(ConfigError, match="^stage.distill.quant_lr: "):
-        Distill.from_config({"quant_lr": 0})
-
-
 def test_attach_exits_rejects_unknown_points(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
     from chaincomp.errors import ConfigError
 

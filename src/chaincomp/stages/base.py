@@ -238,12 +238,10 @@ def record_from_json(data: Mapping[str, Any]) -> StageRecord:
 
 @dataclass
 class Phase:
-    """One ``Trainer.fit`` of a step: ``epochs`` epochs, after ``before()`` (if any) ran, at the
-    peak learning rate ``lr`` (None = the step's ``lr`` setting)."""
+    """One ``Trainer.fit`` of a step: ``epochs`` epochs, after ``before()`` (if any) ran."""
 
     epochs: int
     before: Callable[[], None] | None = None
-    lr: float | None = None
 
 
 @dataclass
@@ -406,8 +404,7 @@ class Stage(pl.Callback, ABC, Generic[S, R]):
                 for phase in self.phases(module, ctx, record):
                     if phase.before is not None:
                         phase.before()
-                    lr = s.lr if phase.lr is None else phase.lr
-                    record.train_time_s += ctx.fit(module, phase.epochs, callbacks=[self], lr=lr)
+                    record.train_time_s += ctx.fit(module, phase.epochs, callbacks=[self], lr=s.lr)
         finally:
             if teacher is not None:
                 module.loss_terms.pop("kd_input", None)

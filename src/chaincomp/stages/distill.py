@@ -13,8 +13,7 @@ Replacing the net is announced with ``ctx.replaced``: each technique in force de
 what transfers to the student (exit heads at the same points, the same quantization) and what
 is dropped (pruned channels); the record lists both, and holds the transferred records, which
 replay re-applies. Work a transfer defers (calibrating the student's quantizers) runs after
-``quant_warmup`` of the epochs, so the KD training is then two fits: warm-up and the rest, the
-rest (the student quantized) at the peak learning rate ``quant_lr``.
+``quant_warmup`` of the epochs, so the KD training is then two fits: warm-up and the rest.
 """
 
 from __future__ import annotations
@@ -47,14 +46,7 @@ class DistillSettings(StageSettings):
     """``student``: null (= the current architecture) or a model config with a ``_target_``,
     composed by Hydra from ``conf/model`` (``+model@chain.steps.D.settings.student=<name>``);
     ``width_mult``: multiplies the student's width (0, 4]; ``temperature`` > 0; ``alpha`` in
-    [0, 1]: weight of the KD term (0 = plain training of the student); ``quant_warmup``: the
-    share of the epochs the student trains in float before the quantizers a transfer brings are
-    calibrated (when the chain quantized before D); ``quant_lr`` > 0: the peak learning rate of
-    the epochs after that, when the student trains quantized (null = this step's ``lr``). Each
-    fit runs its own schedule: with a one-cycle schedule at a rate made for float training
-    (the GPU recipe's 0.2) the quantized fit climbs back to that peak, where the order study's
-    Q->D chains collapsed (experiments/all_orders); a quantization fine-tune's rate (0.02 there)
-    is the value to set."""
+    [0, 1]: weight of the KD term (0 = plain training of the student)."""
 
     epochs: int = 4
     lr: float | None = None
@@ -63,14 +55,10 @@ class DistillSettings(StageSettings):
     temperature: float = 4.0
     alpha: float = 0.9
     quant_warmup: float = 0.5
-    quant_lr: float | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.check(0 <= self.quant_warmup < 1, "quant_warmup", self.quant_warmup, "[0, 1)")
-        self.check(
-            self.quant_lr is None or self.quant_lr > 0, "quant_lr", self.quant_lr, "> 0 or null"
-        )
         self.check(0 < self.width_mult <= 4, "width_mult", self.width_mult, "(0, 4]")
         self.check(self.temperature > 0, "temperature", self.temperature, "> 0")
         self.check(0 <= self.alpha <= 1, "alpha", self.alpha, "[0, 1]")
@@ -216,7 +204,7 @@ class Distill(Stage[DistillSettings, DistillRecord]):
             for action in deferred:
                 action()
 
-        return [Phase(warm), Phase(s.epochs - warm, run_deferred, s.quant_lr)]
+        return [Phase(warm), Phase(s.epochs - warm, run_deferred)]
 
     def kd_term(self, module: CompressibleModule, x: Tensor, out: Tensor, target: Tensor) -> Tensor:
         s = self.settings
