@@ -27,7 +27,9 @@
 #
 #   VARIANTS='chain.steps.P.settings.kd_alpha=0 chain.steps.Q.settings.kd_alpha=0;chain.steps.P.settings.ratio=0.2'
 #   (variants separated by ";", overrides within one by spaces; VARIANT_LIMIT: seconds for each;
-#   VARIANT_JOBS: how many run at once, default 1)
+#   VARIANT_JOBS: how many run at once, default 1; VARIANT_EXPERIMENT: the experiment config the
+#   variants start from, default headline_cifar10, e.g. orders_cifar10 for single chains of the
+#   order study)
 #
 #   OUT=/tmp/out benchmarks/gpu_session.sh
 #
@@ -149,7 +151,7 @@ run_variant() {
   start=$(date +%s)
   # shellcheck disable=SC2086
   env "${variant_env[@]}" \
-    timeout "${VARIANT_LIMIT:-150}" $PY -m chaincomp run experiment=headline_cifar10 tracking=none \
+    timeout "${VARIANT_LIMIT:-150}" $PY -m chaincomp run experiment="${VARIANT_EXPERIMENT:-headline_cifar10}" tracking=none \
     hydra.run.dir="$dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
   echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
   cp "$dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null

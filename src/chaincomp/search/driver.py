@@ -384,6 +384,8 @@ def summarize(
             int(t.user_attrs.get("steps_skipped", 0)) for t in trials
         ),
         "epochs_trained": epochs_trained(study),
+        # seconds the trials waited for prefixes other workers were computing (chain.cache)
+        "waited_s": round(sum(float(t.user_attrs.get("waited_s", 0.0)) for t in trials), 1),
         "budget_epochs": scfg.budget_epochs,
         "seeds": {str(t.user_attrs["seed"]): t.number for t in trials if "seed" in t.user_attrs},
         "mlflow_run_id": parent_id,

@@ -217,10 +217,12 @@ def _hopeless(
 
 def _record_cost(trial: optuna.Trial, stats: CacheStats) -> None:
     """What the trial spent: ``stage_runs`` executed (the baseline not counted),
-    ``cached_steps`` taken from the prefix cache, ``epochs_trained`` (the sweep's budget)."""
+    ``cached_steps`` taken from the prefix cache, ``epochs_trained`` (the sweep's budget),
+    ``waited_s``: seconds it waited for a prefix another worker was computing."""
     trial.set_user_attr("stage_runs", stats.executed)
     trial.set_user_attr("cached_steps", stats.reused)
     trial.set_user_attr("epochs_trained", stats.epochs)
+    trial.set_user_attr("waited_s", round(stats.waited_s, 1))
 
 
 def _free_accelerator_memory() -> None:
