@@ -44,7 +44,7 @@ from omegaconf import DictConfig
 from chaincomp.chain.spec import ChainSpec
 from chaincomp.pipeline import config_section, optim_config, trainer_config
 from chaincomp.stages import stages
-from chaincomp.tracking import BOOT, HOST, pid_alive
+from chaincomp.tracking import BOOT, HOST, local_process_gone
 from chaincomp.utils import writable_dir
 
 log = logging.getLogger("chaincomp.cache")
@@ -106,6 +106,11 @@ class CacheStats:
     epochs: int = 0
     executed_keys: list[str] = field(default_factory=list)
     waited_s: float = 0.0  # seconds spent waiting for prefixes other processes were computing
+
+
+def _me() -> dict[str, Any]:
+    """This process, as a compute lock records its holder."""
+    return {"host": HOST, "boot": BOOT, "pid": os.getpid()}
 
 
 def digest(obj: Any) -> str:
@@ -244,10 +249,9 @@ class PrefixCache:
             return None
         if who.get("host") != HOST:
             return who if age < self.FOREIGN_LOCK_S else None
-        if who.get("boot") and BOOT and who.get("boot") != BOOT:
+        if not isinstance(who.get("pid"), int):
             return None
-        pid = who.get("pid")
-        return who if isinstance(pid, int) and (pid == os.getpid() or pid_alive(pid)) else None
+        return None if local_process_gone(who.get("boot"), who["pid"]) else who
 
     def claim(self, key: str) -> bool:
         """Take the compute lock of ``key``: True when this process holds it now (also when it
@@ -258,7 +262,7 @@ class PrefixCache:
             return True
         assert self.root is not None
         self.root.mkdir(parents=True, exist_ok=True)
-        me = {"host": HOST, "boot": BOOT, "pid": os.getpid()}
+        me = _me()
         for _ in range(3):
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -289,11 +293,7 @@ class PrefixCache:
     def release(self, key: str) -> None:
         """Drop this process's compute lock of ``key`` (nothing when it holds none)."""
         path = self._lock(key)
-        if path is not None and self.holder(key) == {
-            "host": HOST,
-            "boot": BOOT,
-            "pid": os.getpid(),
-        }:
+        if path is not None and self.holder(key) == _me():
             path.unlink(missing_ok=True)
 
     @staticmethod

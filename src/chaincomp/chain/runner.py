@@ -371,8 +371,9 @@ def _wait_for_others(
             said = True
         time.sleep(LOCK_POLL_S)
     if said:
-        stats.waited_s += time.perf_counter() - t0
-        log.info("%s: waited %.1f s", name, time.perf_counter() - t0)
+        waited = time.perf_counter() - t0
+        stats.waited_s += waited
+        log.info("%s: waited %.1f s", name, waited)
 
 
 def load_checkpoint(path: str, net: torch.nn.Module) -> None:

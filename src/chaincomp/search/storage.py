@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 
 from chaincomp.errors import ConfigError
 from chaincomp.search.config import SearchConfig
-from chaincomp.tracking import BOOT, HOST, NullTracker, Tracker, pid_alive
+from chaincomp.tracking import BOOT, HOST, NullTracker, Tracker, local_process_gone
 from chaincomp.utils import writable_dir
 
 log = logging.getLogger("chaincomp.search")
@@ -161,11 +161,8 @@ def dead_worker(attrs: dict[str, Any], other_hosts: bool = False) -> str | None:
         return None
     if host != HOST:
         return f"worker on host {host} (search.reap_other_hosts)" if other_hosts else None
-    if boot and BOOT and boot != BOOT:
-        return f"worker pid {pid} ran before this machine's boot"
-    if pid is None or pid == os.getpid():
-        return None
-    return None if pid_alive(int(pid)) else f"worker pid {pid} died"
+    gone = local_process_gone(boot, pid)
+    return f"worker {gone}" if gone else None
 
 
 def reap_stale(

@@ -9,6 +9,7 @@ from chaincomp.tracking.mlflow_tracker import (
     Tracker,
     TrackingConfig,
     flatten,
+    local_process_gone,
     make_tracker,
     pid_alive,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "Tracker",
     "TrackingConfig",
     "flatten",
+    "local_process_gone",
     "make_tracker",
     "pid_alive",
 ]

@@ -65,6 +65,17 @@ def pid_alive(pid: int) -> bool:
         return True
 
 
+def local_process_gone(boot: str | None, pid: Any) -> str | None:
+    """Why a process recorded on this host (its boot id ``boot``, its ``pid``) is gone, or None
+    while it may run: it ran under another boot of this machine (its pid may be another
+    process's now), or its pid is gone. This process, or one without a pid yet, may run."""
+    if boot and BOOT and boot != BOOT:
+        return f"pid {pid} ran before this machine's boot"
+    if pid is None or pid == os.getpid():
+        return None
+    return None if pid_alive(int(pid)) else f"pid {pid} died"
+
+
 @contextmanager
 def store_lock(uri: str) -> Iterator[None]:
     """An exclusive lock for creating the store ``uri``: ``<db>.lock`` beside a SQLite file (its
