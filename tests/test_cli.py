@@ -141,3 +141,25 @@ def test_command_help_describes_it_before_any_config(command: str) -> None:
     assert "common overrides:" in lines and len(lines) < 40  # no config dump
     overrides = lines[lines.index("common overrides:") + 1 :]
     assert sum(1 for line in overrides if line.startswith("  ") and "=" in line) == 5
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["data=digits", "optim.lr=0.3", "--cfg", "job", "-v"],  # the README's order: options last
+        ["--cfg", "job", "data=digits", "optim.lr=0.3", "-v"],
+        ["-v", "--cfg", "job"],
+    ],
+)
+def test_cfg_job_prints_the_composed_config_wherever_the_options_stand(
+    tmp_path: Path, args: list[str]
+) -> None:
+    """``--cfg job`` prints the config and runs nothing, before or after the overrides (the
+    CLI's own overrides, the job name and ``-v``'s ``verbose=true``, used to land after the
+    options, where Hydra's parser rejected them)."""
+    proc = chaincomp("run", *args, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "verbose: true" in proc.stdout
+    if "optim.lr=0.3" in args:
+        assert "lr: 0.3" in proc.stdout and "name: digits" in proc.stdout
+    assert not (tmp_path / "summary.json").exists() and not (tmp_path / "mlflow.db").exists()

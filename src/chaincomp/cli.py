@@ -499,6 +499,18 @@ def _guarded(command: str, fn: Callable[[DictConfig], Any], cfg: DictConfig) -> 
 WRITES_RUN_DIR = ("train", "cost", "run", "sweep")
 
 
+def hydra_argv(args: list[str], extra: list[str]) -> list[str]:
+    """``args`` (the user's overrides and Hydra options) with the CLI's own overrides ``extra``
+    placed where Hydra's argument parser takes them as overrides: right after the user's first
+    ``key=value``, or first when there is none. Hydra reads the overrides as one positional run,
+    so appending them after an option (``chaincomp run experiment=x --cfg job``) would be
+    rejected, and after ``--info`` would be read as its value."""
+    for i, arg in enumerate(args):
+        if "=" in arg and not arg.startswith("-"):
+            return [*args[: i + 1], *extra, *args[i + 1 :]]
+    return [*extra, *args]
+
+
 def main(argv: list[str] | None = None) -> int:
     import hydra
 
@@ -510,8 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     if command in HELP and ("--help" in overrides or "-h" in overrides):
         print(HELP[command] + HELP_TAIL.format(cmd=command))
         return 0
+    extra = [f"hydra.job.name={command}"]
     if "-v" in overrides or "--verbose" in overrides:
-        overrides = [a for a in overrides if a not in ("-v", "--verbose")] + ["verbose=true"]
+        overrides = [a for a in overrides if a not in ("-v", "--verbose")]
+        extra.append("verbose=true")
     if command not in COMMANDS:
         print(
             f"chaincomp: error: command: unknown {command!r}; allowed: {', '.join(COMMANDS)}",
@@ -523,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     if not OmegaConf.has_resolver("chaincomp.pid"):
         OmegaConf.register_new_resolver("chaincomp.pid", os.getpid)
-    sys.argv = [f"chaincomp-{command}", *overrides, f"hydra.job.name={command}"]
+    sys.argv = [f"chaincomp-{command}", *hydra_argv(overrides, extra)]
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")(task)
     app()
     return 0
