@@ -90,12 +90,14 @@ studies: setup
 	$(BIN)/chaincomp sweep experiment=orders_rotation tracking.uri=$(ORDERS_STORE)/rotation/runs-cpu.sqlite
 	$(BIN)/chaincomp sweep experiment=orders_cifar10_cpu tracking.uri=$(ORDERS_STORE)/cifar10-cpu/runs-cpu.sqlite
 	$(BIN)/chaincomp sweep experiment=orders_cifar10_cpu_kd tracking.uri=$(ORDERS_STORE)/cifar10-cpu-kd/runs-cpu.sqlite
+	$(BIN)/chaincomp sweep experiment=orders_cifar10_cpu_onecycle tracking.uri=$(ORDERS_STORE)/cifar10-cpu-onecycle/runs-cpu.sqlite
 
 reports: setup
 	$(BIN)/chaincomp report experiment=orders_fashion tracking.uri=$(ORDERS_STORE)/fashion/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=orders_rotation tracking.uri=$(ORDERS_STORE)/rotation/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=orders_cifar10_cpu tracking.uri=$(ORDERS_STORE)/cifar10-cpu/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=orders_cifar10_cpu_kd tracking.uri=$(ORDERS_STORE)/cifar10-cpu-kd/runs-cpu.sqlite
+	$(BIN)/chaincomp report experiment=orders_cifar10_cpu_onecycle tracking.uri=$(ORDERS_STORE)/cifar10-cpu-onecycle/runs-cpu.sqlite
 	$(BIN)/chaincomp report experiment=orders_cifar10 tracking=none \
 		"report.summaries=[experiments/all_orders/results/cifar10/trials/*/summary.json]"
 	$(BIN)/chaincomp report experiment=headline_cifar10 \

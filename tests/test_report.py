@@ -735,6 +735,7 @@ def test_notebook_is_stripped_and_runs_on_the_study(tiny_study: tuple[Path, str]
         ("orders_cifar10", "orders_cifar10", "DPQE"),
         ("orders_cifar10_cpu", "orders_cifar10_cpu", "DPQE"),
         ("orders_cifar10_cpu_kd", "orders_cifar10_cpu_kd", "DPQE"),
+        ("orders_cifar10_cpu_onecycle", "orders_cifar10_cpu_onecycle", "DPQE"),
         ("headline_cifar10", "headline_cifar10", "DPQE"),
     ],
 )
