@@ -306,3 +306,32 @@ def test_each_step_says_where_its_time_went(
         assert parts == pytest.approx(step.time_s, rel=1e-9)
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert {"train_time_s", "eval_time_s", "other_time_s", "time_s"} <= set(saved["stages"][0])
+
+
+def test_a_stage_trained_in_phases_logs_one_point_per_epoch_in_order(tmp_path: Path) -> None:
+    """D after Q trains twice (float warm-up, then calibrated and quantized): MLflow gets one
+    ``distill/val/accuracy`` point per epoch at steps 0..epochs-1 (the two fits used to both
+    log at steps 0.., so the curve came back interleaved)."""
+    from mlflow import MlflowClient
+
+    db = tmp_path / "m.db"
+    cfg = _cfg(
+        tmp_path,
+        "chain.order=[Q,D]",
+        "chain.steps.D.settings.epochs=4",  # quant_warmup 0.5: two fits of 2 epochs
+        "tracking.enabled=true",
+        f"tracking.uri=sqlite:///{db}",
+    )
+    from chaincomp.pipeline import tracking_config
+    from chaincomp.tracking import Tracker
+
+    run_chain(cfg, tmp_path / "run", tracker=Tracker(tracking_config(cfg)))
+    client = MlflowClient(f"sqlite:///{db}")
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    (d_run,) = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("chaincomp.stage") == "distill"
+    ]
+    history = client.get_metric_history(d_run.info.run_id, "distill/val/accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 2, 3]

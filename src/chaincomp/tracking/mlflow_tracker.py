@@ -342,10 +342,18 @@ def make_tracker(cfg: TrackingConfig) -> Tracker | NullTracker:
 
 class MlflowMetricsCallback(pl.Callback):
     """Logs the Trainer's epoch metrics (``val/...``, ``train/...``) into ``run``, step = epoch,
-    under an optional ``prefix`` (e.g. the stage name)."""
+    under an optional ``prefix`` (e.g. the stage name). The epochs count on across the fits the
+    instance takes part in (a stage that trains in phases, such as D after Q: warm-up, then
+    calibration and the quantized rest), so one stage's curve has one point per epoch in order
+    instead of its phases written over each other at the same steps."""
 
     def __init__(self, run: Run, prefix: str = ""):
         self.run, self.prefix = run, prefix
+        self._next = 0  # the step of the next fit's first epoch
+        self._first = 0  # the step of this fit's first epoch
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._first = self._next
 
     def _log(self, trainer: pl.Trainer) -> None:
         if trainer.sanity_checking:
@@ -355,7 +363,9 @@ class MlflowMetricsCallback(pl.Callback):
             for k, v in trainer.callback_metrics.items()
             if v.numel() == 1
         }
-        self.run.log_metrics(metrics, step=trainer.current_epoch)
+        step = self._first + trainer.current_epoch
+        self._next = step + 1
+        self.run.log_metrics(metrics, step=step)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._log(trainer)
