@@ -149,6 +149,7 @@ def test_command_help_describes_it_before_any_config(command: str) -> None:
         ["data=digits", "optim.lr=0.3", "--cfg", "job", "-v"],  # the README's order: options last
         ["--cfg", "job", "data=digits", "optim.lr=0.3", "-v"],
         ["-v", "--cfg", "job"],
+        ["--cfg", "job", "~seed", "-v"],  # a deletion override (no "=")
     ],
 )
 def test_cfg_job_prints_the_composed_config_wherever_the_options_stand(
@@ -162,4 +163,6 @@ def test_cfg_job_prints_the_composed_config_wherever_the_options_stand(
     assert "verbose: true" in proc.stdout
     if "optim.lr=0.3" in args:
         assert "lr: 0.3" in proc.stdout and "name: digits" in proc.stdout
+    keys = {line.split(":")[0] for line in proc.stdout.splitlines() if not line.startswith(" ")}
+    assert ("seed" in keys) == ("~seed" not in args) and "data" in keys
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / "mlflow.db").exists()
