@@ -502,9 +502,9 @@ WRITES_RUN_DIR = ("train", "cost", "run", "sweep")
 def hydra_argv(args: list[str], extra: list[str]) -> list[str]:
     """``args`` (the user's overrides and Hydra options) with the CLI's own overrides ``extra``
     placed where Hydra's argument parser takes them as overrides: right after the user's first
-    override (``key=value``, ``+key=value``, ``~key``), or first when there is none. Hydra reads the overrides as one positional run,
-    so appending them after an option (``chaincomp run experiment=x --cfg job``) would be
-    rejected, and after ``--info`` would be read as its value."""
+    override (``key=value``, ``+key=value``, ``~key``), or first when there is none. Hydra
+    reads the overrides as one positional run, so appending them after an option (``chaincomp
+    run experiment=x --cfg job``) would be rejected, and after ``--info`` read as its value."""
     for i, arg in enumerate(args):
         if ("=" in arg or arg.startswith("~")) and not arg.startswith("-"):
             return [*args[: i + 1], *extra, *args[i + 1 :]]
