@@ -73,7 +73,10 @@ def test_every_kernel_variant_compiles_for_an_sm90_gpu() -> None:
     assert r.stdout.split() == ["compiled", "18"]  # 6 forward and 12 backward variants
 
 
-def test_a_quantized_lsq_net_traces_without_graph_breaks() -> None:
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_a_quantized_lsq_net_traces_without_graph_breaks(layout: torch.memory_format) -> None:
+    """In either layout: the chain trains in channels_last, where the eager quantizer's ``out=``
+    buffers (not contiguous) broke the graph at every quantizer."""
     from chaincomp.layers.quant import ActQuantizer, quantize_net
     from chaincomp.models.resnet import ResNet
 
@@ -81,7 +84,8 @@ def test_a_quantized_lsq_net_traces_without_graph_breaks() -> None:
     net = ResNet(blocks=(1, 1), widths=(8, 16))
     names = [n for n, m in net.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     quantize_net(net, {n: [4, 4] for n in names}, learn_scale=True)
-    x = torch.randn(4, 3, 16, 16)
+    net.to(memory_format=layout)
+    x = torch.randn(4, 3, 16, 16).contiguous(memory_format=layout)
     quants = [m for m in net.modules() if isinstance(m, ActQuantizer)]
     for q in quants:
         q.observing = True

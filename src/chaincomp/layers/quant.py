@@ -133,8 +133,15 @@ class _FakeQuant(torch.autograd.Function):
 
 
 def _levels_into(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """``(y, inside)``: :class:`_FakeQuant`'s forward (the same operations, so the same values)."""
+    """``(y, inside)``: :class:`_FakeQuant`'s forward (the same operations, so the same values).
+    Under ``torch.compile`` the same operations out of place (Dynamo breaks the graph at an
+    ``out=`` tensor that is not contiguous, such as a channels_last one); the compiler plans
+    the buffers itself."""
     dtype = _result_dtype(x, s)
+    if torch.compiler.is_compiling():
+        t = x / s
+        y = torch.clamp(t, qmin, qmax)
+        return y.round() * s, torch.eq(y, t).to(dtype)
     t = torch.div(x, s, out=torch.empty_like(x, dtype=dtype))
     y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
     # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
