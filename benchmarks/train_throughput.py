@@ -100,9 +100,12 @@ class PlainLoop:
     """A hand-written training loop: same tensors on the device, same augmentation, SGD + cosine,
     the same guard around oneDNN's small strided 1x1 convolutions as every fit (none in the
     default models) and, with ``fast_bn`` (``trainer.cpu_fast_batchnorm``), the same CPU batch
-    norm (it takes no layer of the default models). ``start_epoch()`` shuffles, ``step(i)``
-    trains on batch ``i`` of that order; its own generator, so it draws nothing from the global
-    RNG. ``close()`` removes the guard and the batch norm."""
+    norm (it takes no layer of the default models); with ``compile_mode``
+    (``trainer.compile``) it trains through ``torch.compile(net, mode=compile_mode)``, as the
+    framework's fits then do (and, like them, without the fast batch norm). ``start_epoch()``
+    shuffles, ``step(i)`` trains on batch ``i`` of that order; its own generator, so it draws
+    nothing from the global RNG. ``close()`` removes the guard and the batch norm and drops
+    the compiled code."""
 
     def __init__(
         self,
@@ -114,13 +117,16 @@ class PlainLoop:
         bf16: bool,
         channels_last: bool,
         fast_bn: bool = True,
+        compile_mode: str | None = None,
     ) -> None:
         net = module.net.to(device)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
         self.net, self.device, self.bf16, self.channels_last = net, device, bf16, channels_last
         self.guard = guard_strided_1x1(net)
-        self.fast_bn = fast_batchnorm(net) if fast_bn else None
+        self.fast_bn = fast_batchnorm(net) if fast_bn and not compile_mode else None
+        self.compiled = compile_mode is not None
+        self.forward = torch.compile(net, mode=compile_mode, dynamic=False) if compile_mode else net
         net.train()
         x_all, y_all, _ = dm._splits["train"]
         self.x_all, self.y_all = x_all.to(device), y_all.to(device)
@@ -150,7 +156,7 @@ class PlainLoop:
         if i == 0:
             self.devices.add(str(x.device))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            loss = torch.nn.functional.cross_entropy(self.net(x).float(), self.y_all[idx])
+            loss = torch.nn.functional.cross_entropy(self.forward(x).float(), self.y_all[idx])
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -162,6 +168,8 @@ class PlainLoop:
         self.guard.remove()
         if self.fast_bn is not None:
             self.fast_bn.remove()
+        if self.compiled:
+            torch._dynamo.reset()
         self.devices.add(str(next(self.net.parameters()).device))
         return self.devices
 
@@ -175,10 +183,11 @@ def plain_loop(
     bf16: bool,
     channels_last: bool,
     fast_bn: bool = True,
+    compile_mode: str | None = None,
 ) -> tuple[float, set[str]]:  # type: ignore[no-untyped-def]
     """:class:`PlainLoop` for ``epochs`` epochs, the first untimed. Returns images/s and the
     devices its parameters and batches were on."""
-    loop = PlainLoop(module, dm, epochs, steps, device, bf16, channels_last, fast_bn)
+    loop = PlainLoop(module, dm, epochs, steps, device, bf16, channels_last, fast_bn, compile_mode)
     seconds, images = 0.0, 0
     try:
         for epoch in range(epochs):
@@ -363,6 +372,7 @@ def run(
     initial = build_module(cfg, dm)
     channels_last = tcfg.channels_last
     fast_bn = tcfg.cpu_fast_batchnorm
+    compile_mode = tcfg.compile_mode  # the framework's fits compile too (build_module)
 
     samples: dict[str, list[float]] = {}
     trained_on: dict[str, str] = {}
@@ -391,7 +401,15 @@ def run(
 
     def plain() -> None:
         ips, devices = plain_loop(
-            copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last, fast_bn
+            copy.deepcopy(initial),
+            dm,
+            epochs,
+            steps,
+            device,
+            bf16,
+            channels_last,
+            fast_bn,
+            compile_mode,
         )
         trained_on["plain"] = _trained_on("plain", devices, device)
         samples.setdefault("plain", []).append(ips)
@@ -400,7 +418,15 @@ def run(
 
     def interleaved() -> None:
         loop = PlainLoop(
-            copy.deepcopy(initial), dm, epochs, steps, device, bf16, channels_last, fast_bn
+            copy.deepcopy(initial),
+            dm,
+            epochs,
+            steps,
+            device,
+            bf16,
+            channels_last,
+            fast_bn,
+            compile_mode,
         )
         inter = Interleaved(loop)
         try:
@@ -491,6 +517,7 @@ def run(
         "model": str(cfg.model.name),
         "batch_size": dm.cfg.batch_size,
         "precision": precision,
+        "compile": compile_mode,
         "epochs": epochs,
         "steps": steps,
         "quantize": qs,
@@ -524,7 +551,8 @@ def report(r: dict[str, Any]) -> str:
     lines = [
         f"device: {r['device_name']}; data={r['data']} model={r['model']} "
         f"batch={r['batch_size']} precision={r['precision']} epochs={r['epochs']} "
-        f"(first is warm-up) steps/epoch={steps} rounds={r['rounds']} (images/s: the median)",
+        f"(first is warm-up) steps/epoch={steps} rounds={r['rounds']} (images/s: the median)"
+        + (f"; every path under torch.compile(mode={r['compile']!r})" if r["compile"] else ""),
         "trained on: " + " ".join(f"{k}={v}" for k, v in r["trained_on"].items()),
         f"framework (Lightning) : {ips['framework']:10.0f} images/s",
         f"plain PyTorch loop    : {ips['plain']:10.0f} images/s",

@@ -98,6 +98,29 @@ def test_interleaved_steps_leave_the_framework_fit_untouched() -> None:
     assert off["interleaved"] == {} and "interleaved" not in off["trained_on"]
 
 
+def test_with_trainer_compile_both_paths_train_compiled(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """``trainer.compile``: the plain loop compiles its net as the framework's fit does, so the
+    ratio compares compiled with compiled (Dynamo's tracing without code generation here: the
+    plumbing is under test, the compiler in tests/test_compile.py)."""
+    bench = _bench()
+    real = torch.compile
+    calls: list[tuple[int, str]] = []
+
+    def spy(model, mode, dynamic):  # type: ignore[no-untyped-def]
+        calls.append((id(model), mode))
+        return real(model, backend="eager", dynamic=dynamic)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    args = [*TINY, "trainer=cpu", "trainer.compile=reduce-overhead"]
+    result = bench.run(args, 2, 2, qat=False, exits=False, interleave=False)
+    assert [mode for _, mode in calls] == ["reduce-overhead"] * 2
+    assert calls[0][0] != calls[1][0]  # two nets: the framework's and the plain loop's
+    assert result["compile"] == "reduce-overhead"
+    assert "torch.compile(mode='reduce-overhead')" in bench.report(result)
+    off = bench.run([*TINY, "trainer=cpu"], 2, 2, qat=False, exits=False, interleave=False)
+    assert len(calls) == 2 and off["compile"] is None
+
+
 def test_benchmark_fails_loudly_on_a_device_mismatch() -> None:
     bench = _bench()
     with pytest.raises(RuntimeError, match="plain trained on"):

@@ -43,6 +43,10 @@ class CompressibleModule(pl.LightningModule):
       channels_last batch norms whose channel count fills no vector train through
       :func:`chaincomp.layers.batchnorm.fast_batchnorm` (the same statistics and gradients up
       to float32 rounding, faster).
+    - With ``compile_mode`` (``trainer.compile``, set like ``fast_bn``), each fit's training
+      steps call ``torch.compile(net, mode=compile_mode)``, built when the fit starts and
+      dropped (with torch's compiled code) when it ends; ``forward``, validation, test and
+      :meth:`evaluate` call ``net`` itself. The fast batch norm stays off while compiling.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class CompressibleModule(pl.LightningModule):
         optim: OptimConfig,
         channels_last: bool = True,
         fast_bn: bool = True,
+        compile_mode: str | None = None,
     ):
         super().__init__()
         self.net = net
@@ -62,6 +67,10 @@ class CompressibleModule(pl.LightningModule):
         self.fast_bn = fast_bn
         self._guard: Guard | None = None
         self._fast_bn: FastBatchNorm | None = None
+        self.compile_mode = compile_mode
+        # not a registered submodule: the compiled wrapper shares net's parameters, and
+        # state_dict / parameters() must see them once
+        self.__dict__["_train_net"] = None
         self.task_weight = 1.0
         self.val_metric = task.make_metric()
         self.test_metric = task.make_metric()
@@ -78,20 +87,28 @@ class CompressibleModule(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.remove_guard()
         self._guard = guard_strided_1x1(self.net)
-        if self.fast_bn:
+        if self.compile_mode:
+            self.__dict__["_train_net"] = torch.compile(
+                self.net, mode=self.compile_mode, dynamic=False
+            )
+        elif self.fast_bn:
             self._fast_bn = fast_batchnorm(self.net)
 
     def on_fit_end(self) -> None:
         self.remove_guard()
 
     def remove_guard(self) -> None:
-        """Take off the oneDNN guard and the fast batch norm a fit installed (``pipeline.fit``
-        calls it also when the fit raised, where Lightning skips ``on_fit_end``)."""
+        """Take off the oneDNN guard, the fast batch norm and the compiled net a fit installed
+        (``pipeline.fit`` calls it also when the fit raised, where Lightning skips
+        ``on_fit_end``)."""
         for attr in ("_guard", "_fast_bn"):
             handle = getattr(self, attr, None)
             if handle is not None:
                 handle.remove()
             setattr(self, attr, None)
+        if self.__dict__.get("_train_net") is not None:
+            self.__dict__["_train_net"] = None
+            torch._dynamo.reset()  # the fit's graphs (and CUDA graph pools) go with it
 
     def _logs_step(self, batch_idx: int) -> bool:
         """Whether this training step logs its losses: every ``trainer.log_every_n_steps``-th
@@ -104,7 +121,8 @@ class CompressibleModule(pl.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         x, target = batch
         log = self._logs_step(batch_idx)
-        outputs = self(x)
+        compiled = self.__dict__.get("_train_net")
+        outputs = compiled(x) if compiled is not None else self(x)
         loss = self.task_weight * self.task.loss(outputs, target)
         aux = getattr(self.net, "auxiliary_loss", None)
         extra = aux(self.task, target) if aux is not None else None

@@ -30,6 +30,8 @@ from chaincomp.utils import atomic_write, keep_freed_memory_in_heap, seed_everyt
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+# torch.compile's modes (``trainer.compile``); false = no compilation, true = "default"
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,14 @@ class TrainerConfig:
     CPU in channels_last, batch norms whose channel count is not a multiple of the vector width
     train through :mod:`chaincomp.layers.batchnorm` (the same arithmetic up to float32
     rounding, faster: ``benchmarks/batchnorm_cpu.py``; false: PyTorch's kernel everywhere).
-    ``build_module`` gives the module this setting and ``fit`` sets it again from its own."""
+    ``build_module`` gives the module this setting and ``fit`` sets it again from its own.
+    ``compile``: false (default), true (= ``"default"``) or one of torch.compile's modes
+    (:data:`COMPILE_MODES`; ``reduce-overhead`` replays CUDA graphs, no host work per layer):
+    every fit trains through ``torch.compile(net, mode=...)``, compiled at the fit's start and
+    dropped at its end (evaluation and the stages' own passes stay eager). Compiling costs
+    seconds to minutes per fit; it pays where a fit is long and its step waits on the host (the
+    GPU QAT step: ``benchmarks/qat_profile.py``). Not with ``cpu_fast_batchnorm`` (the compiler
+    fuses batch norms itself; the fast kernel is left off while compiling)."""
 
     max_epochs: int = 10
     accelerator: str = "auto"
@@ -61,8 +70,13 @@ class TrainerConfig:
     cpu_onednn: bool = True
     cpu_keep_heap: bool = True
     cpu_fast_batchnorm: bool = True
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.compile, bool) and self.compile not in COMPILE_MODES:
+            raise ConfigError(
+                "trainer.compile", f"unknown {self.compile!r}", ("false", "true", *COMPILE_MODES)
+            )
         if self.max_epochs < 0:
             raise ConfigError("trainer.max_epochs", f"{self.max_epochs} is negative", ">= 0")
         if self.accelerator not in ACCELERATORS:
@@ -81,6 +95,13 @@ class TrainerConfig:
         return self.accelerator in ("gpu", "cuda") or (
             self.accelerator == "auto" and torch.cuda.is_available()
         )
+
+    @property
+    def compile_mode(self) -> str | None:
+        """The torch.compile mode every fit trains with, None when not compiling."""
+        if self.compile is True:
+            return "default"
+        return self.compile or None
 
     def resolved_precision(self) -> str:
         if self.precision != "auto":
@@ -160,6 +181,7 @@ def build_module(
         optim_config(cfg),
         tcfg.channels_last,
         tcfg.cpu_fast_batchnorm,
+        tcfg.compile_mode,
     )
 
 
@@ -188,6 +210,7 @@ def fit(
     try:
         onednn.enabled = before and (tcfg.cpu_onednn or tcfg.uses_cuda)
         module.fast_bn = tcfg.cpu_fast_batchnorm
+        module.compile_mode = tcfg.compile_mode
         trainer.fit(module, datamodule=dm)
     finally:
         onednn.enabled = before

@@ -1,0 +1,98 @@
+"""``trainer.compile``: fits train through ``torch.compile`` with the eager path's numbers.
+
+The setting exists for the GPU QAT step, which waits on the host (``benchmarks/qat_profile.py``);
+what can be checked without a GPU is checked here: the config's values and its one-line error,
+that a compiled fit really trains through compiled code and leaves nothing behind (no wrapper in
+the state dict, no compiled code kept), that a fake-quantized net with exit heads and LSQ steps
+trains to the same parameters as the eager fit within float32 rounding, and that the prefix
+cache tells the two apart while the keys of the caches written before the setting stay valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from omegaconf import open_dict
+
+from chaincomp.chain import chain_spec, prefix_keys
+from chaincomp.errors import ConfigError
+from chaincomp.layers.exits import attach_exits
+from chaincomp.layers.quant import ActQuantizer
+from chaincomp.pipeline import COMPILE_MODES, build_module, fit, trainer_config
+from chaincomp.stages.quantize import QuantizeSettings, quantize_module
+
+
+def test_compile_values_and_the_error_naming_the_key(cfg_factory) -> None:  # type: ignore[no-untyped-def]
+    assert trainer_config(cfg_factory()).compile_mode is None  # off by default
+    assert trainer_config(cfg_factory("trainer.compile=true")).compile_mode == "default"
+    for mode in COMPILE_MODES:
+        assert trainer_config(cfg_factory(f"trainer.compile={mode}")).compile_mode == mode
+    with pytest.raises(ConfigError) as e:
+        trainer_config(cfg_factory("trainer.compile=fast"))
+    msg = str(e.value)
+    assert "trainer.compile" in msg and "'fast'" in msg
+    assert "reduce-overhead" in msg and "false" in msg and "\n" not in msg
+
+
+def test_the_cache_tells_compiled_fits_apart_and_keeps_the_old_keys(cfg_factory) -> None:  # type: ignore[no-untyped-def]
+    overrides = ("data=digits", "model=small_cnn", "chain.order=[Q]")
+    plain, compiled = cfg_factory(*overrides), cfg_factory(*overrides, "trainer.compile=true")
+    before = cfg_factory(*overrides)  # a config from before the setting existed
+    with open_dict(before):
+        del before.trainer["compile"]
+    keys = [prefix_keys(c, chain_spec(c)) for c in (plain, compiled, before)]
+    assert keys[0] == keys[2]
+    assert keys[0][0] != keys[1][0] and keys[0][1] != keys[1][1]
+
+
+def _quantized_exit_module(digits_base):  # type: ignore[no-untyped-def]
+    cfg, dm, net = digits_base
+    module = build_module(cfg, dm, copy.deepcopy(net))
+    torch.manual_seed(3)
+    attach_exits(module, [0], "pool", 1.0, dm.example_input(1), 0.5)
+    quantize_module(module, dm, QuantizeSettings(w_bits=4, a_bits=4, learn_scale=True))
+    return cfg, dm, module
+
+
+def test_a_compiled_fit_trains_like_the_eager_one(digits_base, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    cfg, dm, eager = _quantized_exit_module(digits_base)
+    compiled = copy.deepcopy(eager)
+    start = {k: v.clone() for k, v in eager.state_dict().items()}
+    tcfg = dataclasses.replace(trainer_config(cfg), max_epochs=1, limit_train_batches=4)
+
+    calls: list[tuple[object, str]] = []
+    real = torch.compile
+
+    def spy(model, **kw):  # type: ignore[no-untyped-def]
+        calls.append((model, kw["mode"]))
+        return real(model, **kw)
+
+    monkeypatch.setattr(torch, "compile", spy)
+    torch.manual_seed(0)
+    fit(eager, dm, tcfg)
+    assert calls == []
+    torch._dynamo.reset()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    torch.manual_seed(0)
+    fit(compiled, dm, dataclasses.replace(tcfg, compile=True))
+    assert calls == [(compiled.net, "default")]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs  # it compiled
+    assert compiled.__dict__["_train_net"] is None  # dropped when the fit ended
+
+    a, b = eager.state_dict(), compiled.state_dict()
+    assert a.keys() == b.keys()  # no compiled wrapper's parameters beside the net's
+    steps = [k for k in a if k.endswith("act_quant.step")]
+    heads = [k for k in a if k.startswith("net.exits.") and k.endswith("weight")]
+    assert steps and heads
+    for k in (*steps, *heads):  # LSQ steps and exit heads trained in both
+        assert not torch.equal(a[k], start[k]) and not torch.equal(b[k], start[k]), k
+    for k in a:
+        if a[k].is_floating_point():
+            assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+        else:
+            assert torch.equal(a[k], b[k]), k
+    quants = [m for m in compiled.net.modules() if isinstance(m, ActQuantizer)]
+    assert quants and all(q.is_calibrated for q in quants)
