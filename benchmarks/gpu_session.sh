@@ -17,6 +17,7 @@
 #   6. DECODE=1 (off by default; before the benchmark): benchmarks/decode_imagefolder.py, the
 #      first load of the CIFAR-10 archive in one process against the decode workers (decode.log).
 # BENCH_ROUNDS (default 1): rounds of the benchmark (2 or more alternate the framework/plain pair);
+# BENCH_ARGS="trainer.compile=reduce-overhead": every benchmark path compiled (CUDA graphs);
 # BENCH_FIRST="model batch [flags];...": benchmark these before the chain, and QUANT_KERNEL=auto
 # then runs the chain's QAT on the Triton kernels if that benchmark found them equal and faster.
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,

@@ -11,8 +11,10 @@ kernels' self time) and their ratio to float:
   weights, LSQ activation steps, first and last layer at 8 bits), calibrated on the batch;
 - ``QAT, weights only`` / ``QAT, activations only``: one of the two quantizers switched off;
 - with ``--kernel triton``: the same with ``CHAINCOMP_QUANT_KERNEL=triton``;
-- with ``--compile``: float and QAT again, each net under ``torch.compile`` (the ratio to the
-  uncompiled float step is printed; compare the two compiled lines with each other).
+- with ``--compile [MODE]``: float and QAT again, each net under ``torch.compile`` in that mode
+  (``default`` unless named; ``reduce-overhead`` replays CUDA graphs: what ``trainer.compile``
+  does for a fit; the ratio to the uncompiled float step is printed; compare the two compiled
+  lines with each other).
 
 ``busy`` is kernel time / wall time. Far below 100 %, the step waits on the host (Python, the
 autograd dispatch, kernel launches), and fusing elementwise passes alone cannot help; near
@@ -38,6 +40,7 @@ from torch import nn
 
 from chaincomp.layers.quant import KERNEL_ENV, QUANT_LAYERS, ActQuantizer, quantize_net
 from chaincomp.models.resnet import ResNet
+from chaincomp.pipeline import COMPILE_MODES
 
 BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
 
@@ -164,7 +167,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top", type=int, default=0, help="print the N costliest ops of the QAT step")
     p.add_argument("--kernel", choices=["eager", "triton"], action="append", default=None)
-    p.add_argument("--compile", action="store_true", help="also float and QAT under torch.compile")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=COMPILE_MODES,
+        help="also float and QAT under torch.compile (MODE: default unless named)",
+    )
     a = p.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
@@ -213,10 +222,11 @@ def main() -> None:
             run(f"QAT activations only ({k})", net)
     if a.compile:  # last: compiling takes a while, and a cut-off run keeps the lines above
         torch.manual_seed(0)
-        run("float, torch.compile", torch.compile(build(a.model, a.width, device)))
+        mode = a.compile
+        run(f"float, compile {mode}", torch.compile(build(a.model, a.width, device), mode=mode))
         run(
-            "QAT (eager), torch.compile",
-            torch.compile(quantize(build(a.model, a.width, device), x)),
+            f"QAT, compile {mode}",
+            torch.compile(quantize(build(a.model, a.width, device), x), mode=mode),
         )
 
 
