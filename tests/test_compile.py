@@ -5,7 +5,7 @@ what can be checked without a GPU is checked here: the config's values and its o
 that a compiled fit really trains through compiled code and leaves nothing behind (no wrapper in
 the state dict, no compiled code kept), that a fake-quantized net with exit heads and LSQ steps
 trains to the same parameters as the eager fit within float32 rounding, and that the prefix
-cache tells the two apart while the keys of the caches written before the setting stay valid.
+cache tells the two apart while a config without the setting (an older run's) keys as before.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def test_compile_values_and_the_error_naming_the_key(cfg_factory) -> None:  # ty
     assert "reduce-overhead" in msg and "false" in msg and "\n" not in msg
 
 
-def test_the_cache_tells_compiled_fits_apart_and_keeps_the_old_keys(cfg_factory) -> None:  # type: ignore[no-untyped-def]
+def test_the_cache_tells_compiled_fits_apart_and_keys_old_configs_as_before(cfg_factory) -> None:  # type: ignore[no-untyped-def]
     overrides = ("data=digits", "model=small_cnn", "chain.order=[Q]")
     plain, compiled = cfg_factory(*overrides), cfg_factory(*overrides, "trainer.compile=true")
     before = cfg_factory(*overrides)  # a config from before the setting existed

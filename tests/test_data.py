@@ -685,6 +685,34 @@ def test_task_names_are_validated() -> None:
         DataConfig.from_dict({"colour": 1})
 
 
+def test_label_smoothing_moves_the_loss_minimum_to_the_smoothed_target() -> None:
+    """With ``data.label_smoothing`` e the classification loss is minimal (zero gradient) where
+    the softmax is (1 - e) on the label and e / K elsewhere, not at a one-hot softmax; with e = 0
+    that point has a gradient pushing the label's logit up."""
+    k, e = 10, 0.2
+    target = torch.tensor([3, 7])
+    smoothed = torch.full((2, k), e / k)
+    smoothed[torch.arange(2), target] += 1 - e
+    for ls, zero_grad in ((e, True), (0.0, False)):
+        task = ChainDataModule(DataConfig(name="digits", label_smoothing=ls)).task
+        logits = smoothed.log().clone().requires_grad_(True)
+        task.loss(logits, target).backward()
+        assert logits.grad is not None
+        assert torch.allclose(logits.grad, torch.zeros_like(logits), atol=1e-6) is zero_grad
+        if not zero_grad:
+            assert (logits.grad[torch.arange(2), target] < -1e-3).all()
+
+
+def test_label_smoothing_is_validated() -> None:
+    for bad in (1.0, -0.1, "x", True):
+        with pytest.raises(
+            ConfigError, match=r"data.label_smoothing: .*allowed: a number in \[0, 1\)"
+        ):
+            DataConfig(label_smoothing=bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="data.label_smoothing: .*0.0 with data.task=rotation"):
+        make_task("rotation", label_smoothing=0.1)
+
+
 # ------------------------------------------------------------------------- augmentation
 def test_random_crop_is_a_shifted_window() -> None:
     x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).view(2, 3, 6, 6) + 1

@@ -145,8 +145,8 @@ def prefix_keys(cfg: DictConfig, spec: ChainSpec) -> list[str]:
             "cpu_kernels": None
             if tcfg.uses_cuda
             else {"onednn": tcfg.cpu_onednn, "fast_batchnorm": tcfg.cpu_fast_batchnorm},
-            # compiled kernels fuse and round differently; absent when off (the keys of
-            # entries written before the setting existed stay valid)
+            # compiled kernels fuse and round differently; absent when off (a config
+            # without the setting, such as an older run's, keys the same)
             **({"compile": tcfg.compile_mode} if tcfg.compile_mode else {}),
         },
         # the checkpoint's content, not its path: an overwritten file is another baseline

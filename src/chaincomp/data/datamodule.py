@@ -26,7 +26,8 @@ class DataConfig:
 
     ``val_size``: a fraction in (0, 1) or a count of training images held out for validation
     (seeded by ``split_seed``). ``max_train_samples`` caps the remaining training images (seeded
-    subset) for quick runs. ``seed`` drives shuffling and augmentation.
+    subset) for quick runs. ``seed`` drives shuffling and augmentation. ``label_smoothing``
+    (classification only, in [0, 1)) goes to the task's loss (:class:`~chaincomp.tasks.Classification`).
     """
 
     name: str = "digits"
@@ -46,6 +47,7 @@ class DataConfig:
     channels: int | None = None
     image_size: int | None = None
     rotation_max_deg: float = 45.0
+    label_smoothing: float = 0.0
     mean: list[float] | None = None
     std: list[float] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +84,9 @@ class DataConfig:
                 "data.mean", "mean and std must be given together", "both lists or both null"
             )
         Augment(self.crop_padding, self.flip, self.cutout)  # validates
+        ls = self.label_smoothing
+        if isinstance(ls, bool) or not isinstance(ls, (int, float)) or not 0 <= ls < 1:
+            raise ConfigError("data.label_smoothing", f"{ls!r} invalid", "a number in [0, 1)")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DataConfig:
@@ -116,7 +121,7 @@ class ChainDataModule(pl.LightningDataModule):
     def __init__(self, cfg: DataConfig):
         super().__init__()
         self.cfg = cfg
-        self.task: Task = make_task(cfg.task, cfg.rotation_max_deg)
+        self.task: Task = make_task(cfg.task, cfg.rotation_max_deg, cfg.label_smoothing)
         self.device = torch.device("cpu")
         self.channels_last = False
         self._splits: dict[str, tuple[Tensor, Tensor, Tensor | None]] | None = None
