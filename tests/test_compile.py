@@ -96,3 +96,34 @@ def test_a_compiled_fit_trains_like_the_eager_one(digits_base, monkeypatch) -> N
             assert torch.equal(a[k], b[k]), k
     quants = [m for m in compiled.net.modules() if isinstance(m, ActQuantizer)]
     assert quants and all(q.is_calibrated for q in quants)
+
+
+@pytest.mark.slow
+def test_a_compiled_dpqe_chain_runs_and_replays(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Every stage's fits compiled (D's student beside its eager teacher, P's phases, Q's
+    calibrated net, E's heads): the chain ends as the eager one does within the recipe's noise,
+    with the same architecture, and its saved chain replays to the same outputs."""
+    from chaincomp.chain import load_chain, run_chain
+    from chaincomp.pipeline import build_data
+
+    from .conftest import compose_cfg
+    from .test_chain import FAST
+
+    runs = {}
+    for name, extra in (("eager", ()), ("compiled", ("trainer.compile=true",))):
+        cfg = compose_cfg(*FAST, f"chain.cache_dir={tmp_path / 'cache'}", *extra)
+        runs[name] = (cfg, run_chain(cfg, tmp_path / name))
+    eager, (cfg, compiled) = runs["eager"][1], runs["compiled"]
+    assert compiled.letters == eager.letters == "DPQE"
+    assert not any(s.cached for s in compiled.steps)  # its own cache entries, none of eager's
+    for a, b in zip(eager.steps[:4], compiled.steps[:4], strict=True):  # before E's choice
+        assert (a.name, a.params, a.bitops) == (b.name, b.params, b.bitops)
+    assert abs(compiled.last.val_metric - eager.last.val_metric) < 10.0
+    dm = build_data(cfg)
+    fresh = load_chain(tmp_path / "compiled" / "chain", build_module(cfg, dm))
+    module = compiled.module
+    x, _ = next(iter(dm.loader("test", "cpu")))
+    module.eval()
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(module(x), fresh(x))
