@@ -75,11 +75,14 @@ def fake_quant_composed(x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor
 
 def _dot(a: Tensor, b: Tensor) -> Tensor:
     """``(a * b).sum()`` in float32 without the product tensor where the layouts allow."""
-    if a.dtype == b.dtype == torch.float32 and a.stride() == b.stride():
+    compiling = torch.compiler.is_compiling()  # compiled: the product fuses into the sum
+    if a.dtype == b.dtype == torch.float32 and a.stride() == b.stride() and not compiling:
         if a.is_contiguous():
             return torch.dot(a.view(-1), b.view(-1))
         if a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last):
-            return torch.dot(a.permute(0, 2, 3, 1).reshape(-1), b.permute(0, 2, 3, 1).reshape(-1))
+            # both in memory order (the same order: equal strides), one view call each
+            n = a.numel()
+            return torch.dot(a.as_strided((n,), (1,)), b.as_strided((n,), (1,)))
     return (a * b).sum(dtype=torch.float32)
 
 
@@ -142,8 +145,13 @@ def _levels_into(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Te
         t = x / s
         y = torch.clamp(t, qmin, qmax)
         return y.round() * s, torch.eq(y, t).to(dtype)
-    t = torch.div(x, s, out=torch.empty_like(x, dtype=dtype))
-    y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
+    t = torch.div(x, s)
+    y = torch.clamp(t, qmin, qmax)
+    if t.stride() != x.stride() or y.stride() != x.stride():
+        # a layout the operators do not keep (a one-channel channels_last batch reads as NCHW
+        # too): buffers with x's exact strides, so the convolution that reads y keeps the layout
+        t = torch.div(x, s, out=torch.empty_like(x, dtype=dtype))
+        y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
     # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
     # bool masks and torch.where run several times slower than a float multiply)
     inside = torch.eq(y, t, out=t)
