@@ -24,6 +24,7 @@ autograd dispatch, kernel launches), and fusing elementwise passes alone cannot 
 
     python benchmarks/qat_profile.py --model resnet18 --batch 512       # on a GPU
     python benchmarks/qat_profile.py --model resnet18 --width 0.125 --batch 8 --steps 2   # CPU
+    python benchmarks/qat_profile.py --width 0.125 --batch 4 --steps 2 --gpu-like   # CPU, as CUDA runs
 """
 
 from __future__ import annotations
@@ -43,11 +44,16 @@ from chaincomp.models.resnet import ResNet
 from chaincomp.pipeline import COMPILE_MODES
 
 BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}
+GPU_LIKE = {"cpu": False}  # --gpu-like: the CPU in channels_last and bf16 autocast as on CUDA
+
+
+def _gpu_like(device: torch.device) -> bool:
+    return device.type == "cuda" or GPU_LIKE["cpu"]
 
 
 def build(model: str, width: float, device: torch.device) -> nn.Module:
     net = ResNet(blocks=BLOCKS[model], width_mult=width).to(device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+    return net.to(memory_format=torch.channels_last) if _gpu_like(device) else net
 
 
 def quantize(net: nn.Module, x: torch.Tensor, bits: int = 4) -> nn.Module:
@@ -69,8 +75,8 @@ def quantize(net: nn.Module, x: torch.Tensor, bits: int = 4) -> nn.Module:
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    if _gpu_like(device):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -174,18 +180,25 @@ def main() -> None:
         choices=COMPILE_MODES,
         help="also float and QAT under torch.compile (MODE: default unless named)",
     )
+    p.add_argument(
+        "--gpu-like",
+        action="store_true",
+        help="on the CPU too: channels_last and bf16 autocast, as every CUDA run (operator counts)",
+    )
     a = p.parse_args()
+    GPU_LIKE["cpu"] = a.gpu_like
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(a.batch, 3, 32, 32, generator=gen).to(device)
-    if device.type == "cuda":
+    if _gpu_like(device):
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (a.batch,), generator=gen).to(device)
     name = (
         torch.cuda.get_device_name()
         if device.type == "cuda"
         else f"CPU ({torch.get_num_threads()} threads)"
+        + (", channels_last, bf16 autocast" if a.gpu_like else "")
     )
     print(f"device: {name}; {a.model} width {a.width} batch {a.batch}, {a.steps} steps", flush=True)
     rows: list[tuple[str, dict[str, Any]]] = []
