@@ -87,10 +87,9 @@ class CompressibleModule(pl.LightningModule):
             self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         self.remove_guard()
         self._guard = guard_strided_1x1(self.net)
-        if self.compile_mode:
-            self.__dict__["_train_net"] = torch.compile(
-                self.net, mode=self.compile_mode, dynamic=False
-            )
+        mode = getattr(self, "compile_mode", None)  # a module pickled before the setting: off
+        if mode:
+            self.__dict__["_train_net"] = torch.compile(self.net, mode=mode, dynamic=False)
         elif self.fast_bn:
             self._fast_bn = fast_batchnorm(self.net)
 
