@@ -169,6 +169,16 @@ def test_the_one_node_activation_quantizer_in_the_layers_other_cases() -> None:
             # bf16: both sum bf16 products; they round at different points, within 1 %
             rtol = 1e-2 if dtype == torch.bfloat16 else 1e-5
             assert torch.allclose(gs1, gs2, rtol=rtol) and gs1.abs() > 0, dtype
+            # against LSQ's step gradient in float64 on the quantizer's own t = x / step
+            # (rounded to x's dtype): g * sum(upstream * (level - t * inside)). bf16: the
+            # one node is 0.06 % off, the composed reference 0.5 % (it rounds x / step^2)
+            t = (x.to(dtype).float() / 0.3).to(dtype).double()
+            inside = ((t >= 0) & (t <= 15)).double()
+            exact = (
+                0.05 * (upstream.to(dtype).double() * (t.clamp(0, 15).round() - t * inside)).sum()
+            )
+            tol = 2e-3 if dtype == torch.bfloat16 else 1e-5
+            assert abs(gs1.double() - exact) <= tol * abs(exact), (dtype, float(gs1), float(exact))
 
 
 @pytest.mark.parametrize("shape", [(6, 4, 3, 3), (5, 7)])

@@ -57,8 +57,8 @@ def test_activations_match_eager(dtype: torch.dtype, layout: str) -> None:
     assert abs(gs1.double() - expected) <= 1e-5 * abs(expected)
     if dtype == torch.float32:
         assert abs(gs0.double() - expected) <= 1e-5 * abs(expected)
-    else:  # eager multiplies in bf16 before summing: 6 % off here
-        assert abs(gs0.double() - expected) > 1e-2 * abs(expected)
+    else:  # eager's terms and products are bf16, summed in float32: 0.09 % off here
+        assert abs(gs0.double() - expected) <= 2e-3 * abs(expected)
 
 
 @pytest.mark.parametrize("round_step", [False, True])

@@ -99,25 +99,30 @@ def _result_dtype(x: Tensor, step: Tensor) -> torch.dtype:
 class _FakeQuant(torch.autograd.Function):
     """Forward: ``round(clamp(x / step, qmin, qmax)) * step`` (the same operations, so the same
     values, as :func:`fake_quant_composed`), plus a float mask of the clipping range. Backward,
-    derived by hand, one multiply and (LSQ) two dot products instead of the composed form's
+    derived by hand, one multiply and (LSQ) one dot product instead of the composed form's
     dozen elementwise ops:
 
     - ``x``: the straight-through gradient, ``grad`` where ``qmin <= x / step <= qmax``, else 0;
     - ``step`` (only when it requires a gradient: LSQ): ``sum(grad * r)`` over the elements
       (reduced to ``step``'s shape), ``r = round(x / step) - x / step`` inside the range and the
-      clamped level (``qmin`` or ``qmax``) outside it, computed as two dot products
-      (``sum(grad * y) - sum(grad_x * x)``, over ``step``).
+      clamped level (``qmin`` or ``qmax``) outside it: ``r`` is formed in the forward from the
+      level and ``t = x / step`` (:func:`_levels_into`), each element's difference of two
+      neighbours, so a bf16 ``r`` keeps its precision (forming it from the rounded output
+      ``y = level * step`` and ``x``, or summing ``grad * y`` and ``grad * x`` apart and
+      subtracting, loses it: 6 % off on a bf16 test tensor).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, step: Tensor, qmin: int, qmax: int) -> Tensor:
         # t and y take x's exact strides (a one-channel channels_last batch stays channels_last,
         # so the convolution that reads y keeps that layout)
-        y, inside = _levels_into(x, step, qmin, qmax)
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(inside, x, y, step)
+        lsq = ctx.needs_input_grad[1]
+        y, inside, r = _levels_into(x, step, qmin, qmax, lsq)
+        if lsq:
+            ctx.save_for_backward(inside, r)
         else:
             ctx.save_for_backward(inside)
+        ctx.step_shape = step.shape
         return y
 
     @staticmethod
@@ -126,25 +131,30 @@ class _FakeQuant(torch.autograd.Function):
         grad_x = grad * inside
         grad_step = None
         if ctx.needs_input_grad[1]:
-            # sum(grad * (q - t * inside)) with q = y / step, t = x / step
-            _, x, y, step = ctx.saved_tensors
-            if step.numel() == 1:
-                grad_step = ((_dot(grad, y) - _dot(grad_x, x)) / step).reshape(step.shape)
+            r = ctx.saved_tensors[1]
+            if math.prod(ctx.step_shape) == 1:
+                grad_step = _dot(grad, r).reshape(ctx.step_shape)
             else:
-                grad_step = ((grad * y - grad_x * x) / step).sum_to_size(step.shape)
+                grad_step = (grad * r).sum_to_size(ctx.step_shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None
 
 
-def _levels_into(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """``(y, inside)``: :class:`_FakeQuant`'s forward (the same operations, so the same values).
-    Under ``torch.compile`` the same operations out of place (Dynamo breaks the graph at an
-    ``out=`` tensor that is not contiguous, such as a channels_last one); the compiler plans
-    the buffers itself."""
+def _levels_into(
+    x: Tensor, s: Tensor, qmin: int, qmax: int, lsq: bool = False
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(y, inside, r)``: :class:`_FakeQuant`'s forward (the same operations, so the same
+    values) and, with ``lsq``, the step gradient's per-element term ``r = level - t * inside``
+    (``t = x / s``; else None). Under ``torch.compile`` the same operations out of place
+    (Dynamo breaks the graph at an ``out=`` tensor that is not contiguous, such as a
+    channels_last one); the compiler plans the buffers itself."""
     dtype = _result_dtype(x, s)
     if torch.compiler.is_compiling():
         t = x / s
-        y = torch.clamp(t, qmin, qmax)
-        return y.round() * s, torch.eq(y, t).to(dtype)
+        levels = torch.clamp(t, qmin, qmax)
+        inside = torch.eq(levels, t).to(dtype)
+        levels = levels.round()
+        r = torch.addcmul(levels, t, inside, value=-1) if lsq else None
+        return levels * s, inside, r
     t = torch.div(x, s)
     y = torch.clamp(t, qmin, qmax)
     if t.stride() != x.stride() or y.stride() != x.stride():
@@ -152,11 +162,17 @@ def _levels_into(x: Tensor, s: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Te
         # too): buffers with x's exact strides, so the convolution that reads y keeps the layout
         t = torch.div(x, s, out=torch.empty_like(x, dtype=dtype))
         y = torch.clamp(t, qmin, qmax, out=torch.empty_like(x, dtype=dtype))
-    # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the CPU,
-    # bool masks and torch.where run several times slower than a float multiply)
-    inside = torch.eq(y, t, out=t)
-    y.round_().mul_(s)  # in place: two tensors allocated per call, not four
-    return y, inside
+    if not lsq:
+        # 1.0 inside the clipping range, 0.0 outside, written over t: a float mask (on the
+        # CPU, bool masks and torch.where run several times slower than a float multiply)
+        inside = torch.eq(y, t, out=t)
+        y.round_().mul_(s)  # in place: two tensors allocated per call, not four
+        return y, inside, None
+    inside = torch.eq(y, t, out=torch.empty_like(t))
+    y.round_()
+    r = torch.addcmul(y, t, inside, value=-1)  # t is needed up to here
+    y.mul_(s)
+    return y, inside, r
 
 
 class _ActFakeQuant(torch.autograd.Function):
@@ -166,15 +182,16 @@ class _ActFakeQuant(torch.autograd.Function):
     five more autograd nodes and about a dozen more operator calls), its gradients equal within
     rounding: to ``x`` the straight-through gradient, to ``step`` :class:`_FakeQuant`'s ``s``
     gradient times ``g * sign(step)`` where ``|step| >= 1e-8`` (``clamp_min`` passes the gradient
-    there, and ``sign(step) / s = 1 / step``), else 0. Fewer host calls per layer: a GPU QAT step
-    waits on the host (``benchmarks/qat_profile.py``)."""
+    there), else 0. Fewer host calls per layer: a GPU QAT step waits on the host
+    (``benchmarks/qat_profile.py``)."""
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, step: Tensor, g: float, qmin: int, qmax: int) -> Tensor:
         s = step.abs().clamp_min_(1e-8)
-        y, inside = _levels_into(x, s, qmin, qmax)
-        if ctx.needs_input_grad[1]:
-            ctx.save_for_backward(inside, x, y, step)
+        lsq = ctx.needs_input_grad[1]
+        y, inside, r = _levels_into(x, s, qmin, qmax, lsq)
+        if lsq:
+            ctx.save_for_backward(inside, r, step)
             ctx.g = g
         else:
             ctx.save_for_backward(inside)
@@ -186,9 +203,9 @@ class _ActFakeQuant(torch.autograd.Function):
         grad_x = grad * inside
         grad_step = None
         if ctx.needs_input_grad[1]:
-            _, x, y, step = ctx.saved_tensors
-            k = torch.where(step.abs() >= 1e-8, ctx.g / step, 0.0)
-            grad_step = ((_dot(grad, y) - _dot(grad_x, x)) * k).reshape(step.shape)
+            _, r, step = ctx.saved_tensors
+            k = torch.where(step.abs() >= 1e-8, step.sign() * ctx.g, 0.0)
+            grad_step = (_dot(grad, r) * k).reshape(step.shape)
         return grad_x if ctx.needs_input_grad[0] else None, grad_step, None, None, None
 
 
@@ -207,7 +224,7 @@ class _WeightFakeQuant(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, q: int) -> Tensor:
-        y, inside = _levels_into(w, _channel_step(w, q), -q, q)
+        y, inside, _ = _levels_into(w, _channel_step(w, q), -q, q)
         ctx.save_for_backward(inside)
         return y
 
