@@ -398,36 +398,18 @@ def run(
     triton_check = _triton_check(device) if qat and triton else {}
 
     bf16 = precision.startswith("bf16")
+    # what the plain loop gets besides its own copy of the initial module
+    loop_args = (dm, epochs, steps, device, bf16, channels_last, fast_bn, compile_mode)
 
     def plain() -> None:
-        ips, devices = plain_loop(
-            copy.deepcopy(initial),
-            dm,
-            epochs,
-            steps,
-            device,
-            bf16,
-            channels_last,
-            fast_bn,
-            compile_mode,
-        )
+        ips, devices = plain_loop(copy.deepcopy(initial), *loop_args)
         trained_on["plain"] = _trained_on("plain", devices, device)
         samples.setdefault("plain", []).append(ips)
 
     pairs: tuple[list[float], list[float]] = ([], [])
 
     def interleaved() -> None:
-        loop = PlainLoop(
-            copy.deepcopy(initial),
-            dm,
-            epochs,
-            steps,
-            device,
-            bf16,
-            channels_last,
-            fast_bn,
-            compile_mode,
-        )
+        loop = PlainLoop(copy.deepcopy(initial), *loop_args)
         inter = Interleaved(loop)
         try:
             framework("interleaved", copy.deepcopy(initial), [inter], record=False)
