@@ -15,7 +15,7 @@ endif
 
 help:
 	@echo "make setup      create/reuse $(VENV) and install chaincomp[dev]"
-	@echo "make demo       the main job: the DPQE chain on Fashion-MNIST (ResNet-10, about 11 min on 2 CPU cores)"
+	@echo "make demo       the main job: the DPQE chain on Fashion-MNIST (ResNet-10, 6-14 min on 2 CPU cores)"
 	@echo "make demo-digits the DPQE chain on the bundled digits data (no download, ~15 s)"
 	@echo "make test       the default test suite (fast; no slow or GPU tests)"
 	@echo "make test-slow  the long quality tests (real datasets, minutes)"
