@@ -268,13 +268,14 @@ def test_three_runs_started_together_in_an_empty_folder(tmp_path: Path) -> None:
 
 
 def _long_p_run(tmp_path: Path, db: Path, *extra: str) -> list[str]:
-    """``chaincomp run`` of a 12-epoch P on full digits: seconds inside one step."""
+    """``chaincomp run`` of a 60-epoch P on full digits: seconds inside one step (12 epochs took
+    0.9 s on the EPYC of 2026-11-29, so a kill a second into the step landed after it; 60: 4 s)."""
     return _chaincomp(
         "run",
         *TINY,
         "trainer.limit_train_batches=null",
         "chain.order=[P]",
-        "chain.steps.P.settings.epochs=12",
+        "chain.steps.P.settings.epochs=60",
         f"tracking.uri=sqlite:///{db}",
         f"chain.cache_dir={tmp_path / 'cache'}",
         *extra,
