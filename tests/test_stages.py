@@ -303,6 +303,69 @@ def test_validation_threshold_drops_the_heads_no_sample_uses(digits_base, digits
     assert len(used) == len(net.points)
 
 
+def _one_early_leaver(n: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """``n`` samples of class 0: exit 0 right at 0.95 on sample 0 only and wrong at 0.6 on the
+    others; exit 1 right at 0.9 on all; the final head right at 0.99 on all."""
+    exit0 = torch.cat([_two_class(0.95, 1), _two_class(0.4, n - 1)])
+    return [exit0, _two_class(0.9, n), _two_class(0.99, n)], torch.zeros(n, dtype=torch.long)
+
+
+@pytest.mark.parametrize("select_heads", [False, True])
+def test_select_heads_drops_a_head_that_costs_more_than_it_saves(
+    digits_base, digits_module, monkeypatch, select_heads
+) -> None:  # type: ignore[no-untyped-def]
+    import chaincomp.stages.early_exit as ee
+
+    _cfg, dm, module = _exit_module(digits_base, digits_module)
+    n = 100
+    outs, target = _one_early_leaver(n)
+    monkeypatch.setattr(ee, "collect", lambda module, batches: (outs, target))
+    report = count_cost(module.net, dm.example_input(1))
+    head = [report.sum([f"exits.{k}"]) for k in range(2)]
+    prefix = [
+        report.sum(["backbone.stem", *(f"backbone.stages.{i}" for i in range(k + 1))])
+        for k in range(2)
+    ]
+    # no loss allowed: the cheapest threshold lets sample 0 leave at exit 0 (0.95) and the
+    # others at exit 1 (0.9), keeping both heads; exit 1 alone (every sample there) is cheaper,
+    # because exit 0 costs every sample its head and saves 1 % of them the step to exit 1
+    both = (prefix[0] + head[0]) / n + (n - 1) * (prefix[1] + head[0] + head[1]) / n
+    exit1_alone = prefix[1] + head[1]
+    assert exit1_alone < both
+    chosen = ee.select_threshold(module, None, report, 0.0, select_heads=select_heads)
+    assert chosen["metric"] == pytest.approx(100.0)
+    if select_heads:
+        assert chosen["keep"] == [1] and chosen["rates"] == pytest.approx([0.0, 1.0, 0.0])
+        assert chosen["cost"] == pytest.approx(exit1_alone)
+        assert 0.6 < chosen["threshold"] <= 0.9  # exit 0's wrong samples (0.6) stay barred
+    else:
+        assert chosen["keep"] == [0, 1] and chosen["rates"] == pytest.approx([0.01, 0.99, 0.0])
+        assert chosen["cost"] == pytest.approx(both)
+
+
+def test_dropped_heads_net_infers_what_the_selection_simulated(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
+    """After E with ``select_heads``, the net with the dropped heads removed reproduces the
+    selection's validation metric and exit rates by real dynamic inference."""
+    cfg, dm, _ = digits_base
+    module = digits_module
+    stage = EarlyExit.from_config({"epochs": 1, "max_loss": 1.0, "points": [0, 1]})
+    record = stage.run(module, make_ctx(cfg, dm, max_batches=5))
+    net = module.net
+    sel = record.val_selection
+    net.reset_counts()
+    metric = module.evaluate(dm.loader("val", "cpu"))
+    assert metric == pytest.approx(sel["metric"], abs=1e-4)
+    kept = [r for k, r in enumerate(sel["rates"][:-1]) if k in {0, 1} and r > 0]
+    assert net.exit_rates() == pytest.approx([*kept, sel["rates"][-1]])
+
+
+def test_select_heads_must_be_a_bool() -> None:
+    from chaincomp.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="select_heads"):
+        EarlyExit.from_config({"select_heads": "yes"})
+
+
 def test_frozen_backbone_is_not_trained(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
     cfg, dm, _ = digits_base
     module = digits_module

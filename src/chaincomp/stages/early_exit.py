@@ -3,7 +3,9 @@
 The heads and :class:`~chaincomp.layers.exits.ExitNet` live in :mod:`chaincomp.layers.exits`;
 this stage attaches them, trains them (backbone frozen by default), and picks the threshold on
 the validation split: the cheapest one whose validation metric stays within ``max_loss`` of the
-full network's; heads that no validation sample leaves at are removed.
+full network's, chosen together with the heads to keep (``select_heads``: every subset of them
+is tried, so a head whose exits save less than it costs every sample that passes it is
+removed); heads that no validation sample leaves at are removed in any case.
 
 Interactions (declared here): after every later step the threshold is re-chosen on validation
 (:meth:`EarlyExit.after_step`); when distillation replaces the net, the student gets heads at
@@ -13,6 +15,7 @@ the same points (:meth:`EarlyExit.on_replace`). The heads this stage adds are an
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +58,8 @@ class EarlyExitSettings(StageSettings):
     conv | linear; ``head_width``: conv head width / stage width; ``train``: frozen (backbone
     fixed, heads only) | joint; ``threshold_mode``: validation (smallest expected BitOps whose
     validation metric is within ``max_loss`` of the full net's) | fixed (``threshold``);
+    ``select_heads``: with ``validation``, choose the heads to keep together with the threshold
+    (every subset of them; false: all of them, less those no sample leaves at);
     ``exit_weight``: weight of the exit losses."""
 
     epochs: int = 1
@@ -66,6 +71,7 @@ class EarlyExitSettings(StageSettings):
     threshold_mode: str = "validation"
     threshold: float = 0.9
     max_loss: float = 0.5
+    select_heads: bool = True
     exit_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -87,6 +93,9 @@ class EarlyExitSettings(StageSettings):
         )
         self.check(self.threshold >= 0, "threshold", self.threshold, ">= 0")
         self.check(self.max_loss >= 0, "max_loss", self.max_loss, ">= 0")
+        self.check(
+            isinstance(self.select_heads, bool), "select_heads", self.select_heads, (True, False)
+        )
         self.check(self.exit_weight > 0, "exit_weight", self.exit_weight, "> 0")
 
 
@@ -126,50 +135,74 @@ def simulate(
 
 
 def select_threshold(
-    module: CompressibleModule, batches: Any, report: CostReport, max_loss: float
+    module: CompressibleModule,
+    batches: Any,
+    report: CostReport,
+    max_loss: float,
+    select_heads: bool = False,
 ) -> dict[str, Any]:
     """The threshold with the smallest expected cost whose metric on ``batches`` stays within
     ``max_loss`` of the full network's (all samples at the final head). Candidates: 2.0 (no
     early exit) and quantiles of the exit heads' confidences. A head no sample leaves at is
-    counted as removed (``keep`` in the result lists the heads that are used)."""
+    counted as removed (``keep`` in the result lists the heads that are used). With
+    ``select_heads`` every non-empty subset of the heads is tried as well, the others removed
+    (no sample leaves there and their cost is not paid); ``keep`` is then the cheapest subset
+    within ``max_loss``, which holds only if the heads outside it are dropped from the net. On
+    equal cost the larger subset wins (all heads are tried first)."""
     task = module.task
     net = module.net
     assert isinstance(net, ExitNet)
     outs, target = collect(module, batches)
     full, _, _ = simulate(task, outs, target, 2.0)
-    conf = torch.cat([task.confidence(o) for o in outs[:-1]])
-    qs = torch.linspace(0, 1, 201)
-    candidates = sorted({2.0, *torch.quantile(conf, qs).tolist()})
+    n_exits = len(outs) - 1
     best: dict[str, Any] = {
         "threshold": 2.0,
         "metric": full,
         "keep": [],
         "cost": net.exit_costs(report, keep=set())[-1],
-        "rates": [0.0] * (len(outs) - 1) + [1.0],
+        "rates": [0.0] * n_exits + [1.0],
     }
-    for t in candidates:
-        metric, rates, _ = simulate(task, outs, target, t)
-        ok = metric >= full - max_loss if task.higher_is_better else metric <= full + max_loss
-        keep = {k for k, r in enumerate(rates[:-1]) if r > 0}
-        costs = net.exit_costs(report, keep=keep)
-        cost = sum(r * c for r, c in zip(rates, costs, strict=True))
-        if ok and cost < best["cost"] - 1e-9:
-            best = {
-                "threshold": float(t),
-                "metric": metric,
-                "cost": cost,
-                "rates": rates,
-                "keep": sorted(keep),
-            }
+    everyone = tuple(range(n_exits))
+    subsets = [everyone]
+    if select_heads:
+        subsets += [
+            s
+            for size in range(n_exits - 1, 0, -1)
+            for s in itertools.combinations(everyone, size)
+        ]
+    qs = torch.linspace(0, 1, 201)
+    for subset in subsets:
+        used = [outs[k] for k in subset] + [outs[-1]]
+        conf = torch.cat([task.confidence(o) for o in used[:-1]])
+        candidates = sorted({2.0, *torch.quantile(conf, qs).tolist()})
+        for t in candidates:
+            metric, sub_rates, _ = simulate(task, used, target, t)
+            ok = metric >= full - max_loss if task.higher_is_better else metric <= full + max_loss
+            rates = [0.0] * n_exits + [sub_rates[-1]]
+            for k, r in zip(subset, sub_rates, strict=False):
+                rates[k] = r
+            keep = {k for k, r in enumerate(rates[:-1]) if r > 0}
+            costs = net.exit_costs(report, keep=keep)
+            cost = sum(r * c for r, c in zip(rates, costs, strict=True))
+            if ok and cost < best["cost"] - 1e-9:
+                best = {
+                    "threshold": float(t),
+                    "metric": metric,
+                    "cost": cost,
+                    "rates": rates,
+                    "keep": sorted(keep),
+                }
     best["full_metric"] = full
     return best
 
 
 def retune(module: CompressibleModule, dm: Any, drop: bool = False) -> dict[str, Any] | None:
     """Re-pick the threshold of an :class:`ExitNet` with its own rule (after a later step
-    changed the net). With ``drop``, heads that no validation sample leaves at are removed
-    (outputs unchanged, cost lower). Returns the selection, or None for a fixed threshold or
-    no exits."""
+    changed the net). With ``drop``, the heads outside the selection's ``keep`` are removed
+    (those no validation sample leaves at, and with the rule's ``select_heads`` those whose
+    removal makes the net cheaper within ``max_loss``); without it the heads stay and only the
+    threshold is chosen, all of them in place. Returns the selection, or None for a fixed
+    threshold or no exits."""
     from chaincomp.cost import count_cost
 
     net = module.net
@@ -178,7 +211,11 @@ def retune(module: CompressibleModule, dm: Any, drop: bool = False) -> dict[str,
     device = next(module.parameters()).device
     report = count_cost(net, dm.example_input(1).to(device))
     chosen = select_threshold(
-        module, dm.loader("val", device), report, float(net.selection["max_loss"])
+        module,
+        dm.loader("val", device),
+        report,
+        float(net.selection["max_loss"]),
+        select_heads=drop and bool(net.selection.get("select_heads", False)),
     )
     net.threshold.fill_(chosen["threshold"])
     chosen["dropped_points"] = net.drop_exits(set(chosen["keep"])) if drop else []
@@ -225,7 +262,7 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
             module, points, s.head, s.head_width, ctx.dm.example_input(1), s.exit_weight, s.prefix
         )
         net.selection = (
-            {"mode": "validation", "max_loss": s.max_loss}
+            {"mode": "validation", "max_loss": s.max_loss, "select_heads": s.select_heads}
             if s.threshold_mode == "validation"
             else {"mode": "fixed"}
         )
