@@ -3,9 +3,9 @@
 The heads and :class:`~chaincomp.layers.exits.ExitNet` live in :mod:`chaincomp.layers.exits`;
 this stage attaches them, trains them (backbone frozen by default), and picks the threshold on
 the validation split: the cheapest one whose validation metric stays within ``max_loss`` of the
-full network's, chosen together with the heads to keep (``select_heads``: every subset of them
-is tried, so a head whose exits save less than it costs every sample that passes it is
-removed); heads that no validation sample leaves at are removed in any case.
+full network's; heads that no validation sample leaves at are removed. With ``select_heads``
+the heads to keep are chosen together with the threshold (every subset of them is tried, so a
+head whose exits save less than it costs every sample that passes it is removed).
 
 Interactions (declared here): after every later step the threshold is re-chosen on validation
 (:meth:`EarlyExit.after_step`); when distillation replaces the net, the student gets heads at
@@ -71,7 +71,7 @@ class EarlyExitSettings(StageSettings):
     threshold_mode: str = "validation"
     threshold: float = 0.9
     max_loss: float = 0.5
-    select_heads: bool = True
+    select_heads: bool = False
     exit_weight: float = 1.0
 
     def __post_init__(self) -> None:
@@ -166,9 +166,7 @@ def select_threshold(
     subsets = [everyone]
     if select_heads:
         subsets += [
-            s
-            for size in range(n_exits - 1, 0, -1)
-            for s in itertools.combinations(everyone, size)
+            s for size in range(n_exits - 1, 0, -1) for s in itertools.combinations(everyone, size)
         ]
     qs = torch.linspace(0, 1, 201)
     for subset in subsets:
