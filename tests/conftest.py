@@ -76,9 +76,12 @@ QUIET = ("trainer.enable_progress_bar=false", "tracking.enabled=false")
 
 @pytest.fixture(scope="session")
 def digits_base():  # type: ignore[no-untyped-def]
-    """(cfg, dm, trained net) on digits with a half-width SmallCNN, trained once per session."""
+    """(cfg, dm, trained net) on digits with a half-width SmallCNN, trained once per session,
+    seeded: the same net in every process, whichever tests run."""
     from chaincomp.pipeline import build_data, build_module, fit, trainer_config
+    from chaincomp.utils import seed_everything
 
+    seed_everything(0)
     cfg = compose_cfg(
         "data=digits", "model=small_cnn", "model.width_mult=0.5", "trainer.max_epochs=4", *QUIET
     )
@@ -90,12 +93,16 @@ def digits_base():  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def digits_module(digits_base):  # type: ignore[no-untyped-def]
-    """A fresh CompressibleModule around a copy of the session's trained digits net."""
+    """A fresh CompressibleModule around a copy of the session's trained digits net; the
+    global generators are seeded, so what a test draws (new heads, a student) does not depend
+    on the tests that ran before it."""
     import copy
 
     from chaincomp.pipeline import build_module
+    from chaincomp.utils import seed_everything
 
     cfg, dm, net = digits_base
+    seed_everything(1)
     return build_module(cfg, dm, copy.deepcopy(net))
 
 
