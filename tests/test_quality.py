@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from chaincomp.pipeline import build_data, build_module, fit, measure, trainer_config
+from chaincomp.utils import seed_everything
 
 from .conftest import compose_cfg, needs_shared
 
@@ -14,6 +15,7 @@ QUIET = ("trainer.enable_progress_bar=false", "tracking.enabled=false")
 
 def train(*overrides: str) -> dict:
     cfg = compose_cfg(*overrides, *QUIET)
+    seed_everything(int(cfg.seed))  # as `chaincomp run` does: the same net every time
     dm = build_data(cfg)
     module = build_module(cfg, dm)
     fit(module, dm, trainer_config(cfg))
