@@ -337,7 +337,8 @@ def test_select_heads_drops_a_head_that_costs_more_than_it_saves(
     if select_heads:
         assert chosen["keep"] == [1] and chosen["rates"] == pytest.approx([0.0, 1.0, 0.0])
         assert chosen["cost"] == pytest.approx(exit1_alone)
-        assert 0.6 < chosen["threshold"] <= 0.9  # exit 0's wrong samples (0.6) stay barred
+        # exit 0's wrong samples (0.6) stay barred; 0.9 is float32 softmax(log 9)
+        assert 0.6 < chosen["threshold"] <= 0.9 + 1e-6
     else:
         assert chosen["keep"] == [0, 1] and chosen["rates"] == pytest.approx([0.01, 0.99, 0.0])
         assert chosen["cost"] == pytest.approx(both)
@@ -346,9 +347,10 @@ def test_select_heads_drops_a_head_that_costs_more_than_it_saves(
 def test_dropped_heads_net_infers_what_the_selection_simulated(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
     """The same heads, trained alike, chosen with and without ``select_heads``: each final net
     reproduces its selection's validation metric and exit rates by real dynamic inference, and
-    the subset search's net is cheaper on validation (measured, not simulated; here both keep
-    the first head, and the search without the second finds a cheaper threshold: 184.4e6 against
-    185.2e6 BitOps per sample)."""
+    the subset search's net is no dearer on validation (measured, not simulated; on this
+    machine both keep the first head, and the search without the second finds a cheaper
+    threshold: 184.4e6 against 185.2e6 BitOps per sample; only "no dearer" holds on any
+    kernels, the strict gain is the constructed test's)."""
     import copy
 
     from chaincomp.pipeline import build_module, measure
@@ -370,7 +372,31 @@ def test_dropped_heads_net_infers_what_the_selection_simulated(digits_base, digi
         assert row["val_exit_rates"] == pytest.approx([*kept, sel["rates"][-1]])
         assert len(net.exits) == len(record.points) == 2 - len(record.dropped_points)
         rows[select] = row
-    assert rows[True]["val_bitops"] < rows[False]["val_bitops"]
+    assert rows[True]["val_bitops"] <= rows[False]["val_bitops"]
+
+
+def test_retune_without_dropping_pays_for_every_head(digits_base, digits_module) -> None:  # type: ignore[no-untyped-def]
+    """After a later step the heads stay in the net (``retune(drop=False)``), so the threshold
+    rule counts every head's cost, also one no validation sample leaves at: the selection's
+    expected cost is what real dynamic inference then measures."""
+    from chaincomp.pipeline import measure
+    from chaincomp.stages.early_exit import retune
+
+    cfg, dm, _ = digits_base
+    module = digits_module
+    stage = EarlyExit.from_config({"epochs": 1, "max_loss": 15.0, "points": [0, 1]})
+    record = stage.run(module, make_ctx(cfg, dm, max_batches=5))
+    net = module.net
+    assert len(net.points) >= 1 and record.val_selection["rates"][0] > 0  # a head in use
+    # as if a later step had made early exits lossy: no loss allowed, so (almost) no sample may
+    # leave, and the heads that stay in place cost every sample all the same
+    net.selection["max_loss"] = 0.0
+    chosen = retune(module, dm, drop=False)
+    assert chosen is not None and chosen["keep"] == list(range(len(net.points)))
+    row = measure(module, dm, ("val",))
+    assert row["val_metric"] == pytest.approx(chosen["metric"], abs=1e-4)
+    assert row["val_exit_rates"] == pytest.approx(chosen["rates"])
+    assert row["val_bitops"] == pytest.approx(chosen["cost"], rel=1e-6)
 
 
 def test_select_heads_must_be_a_bool() -> None:

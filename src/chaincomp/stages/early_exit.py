@@ -140,31 +140,35 @@ def select_threshold(
     report: CostReport,
     max_loss: float,
     select_heads: bool = False,
+    removable: bool = True,
 ) -> dict[str, Any]:
     """The threshold with the smallest expected cost whose metric on ``batches`` stays within
     ``max_loss`` of the full network's (all samples at the final head). Candidates: 2.0 (no
     early exit) and quantiles of the exit heads' confidences. A head no sample leaves at is
-    counted as removed (``keep`` in the result lists the heads that are used). With
-    ``select_heads`` every non-empty subset of the heads is tried as well, the others removed
-    (no sample leaves there and their cost is not paid); ``keep`` is then the cheapest subset
-    within ``max_loss``, which holds only if the heads outside it are dropped from the net. On
-    equal cost the larger subset wins (all heads are tried first)."""
+    counted as removed (``keep`` in the result lists the heads that are used), since the caller
+    drops it. With ``removable=False`` (the heads stay in the net: dynamic inference runs every
+    head a sample passes, whether any sample leaves there or not) each head is paid for and
+    ``keep`` lists them all. With ``select_heads`` (and ``removable``) every non-empty subset of
+    the heads is tried as well, the others removed (no sample leaves there and their cost is
+    not paid); ``keep`` is then the cheapest subset within ``max_loss``, which holds only if the
+    heads outside it are dropped from the net. On equal cost the larger subset wins (all heads
+    are tried first). ``cost`` is the expected cost per sample of the net so chosen."""
     task = module.task
     net = module.net
     assert isinstance(net, ExitNet)
     outs, target = collect(module, batches)
     full, _, _ = simulate(task, outs, target, 2.0)
     n_exits = len(outs) - 1
+    everyone = tuple(range(n_exits))
     best: dict[str, Any] = {
         "threshold": 2.0,
         "metric": full,
-        "keep": [],
-        "cost": net.exit_costs(report, keep=set())[-1],
+        "keep": [] if removable else list(everyone),
+        "cost": net.exit_costs(report, keep=set() if removable else None)[-1],
         "rates": [0.0] * n_exits + [1.0],
     }
-    everyone = tuple(range(n_exits))
     subsets = [everyone]
-    if select_heads:
+    if select_heads and removable:
         subsets += [
             s for size in range(n_exits - 1, 0, -1) for s in itertools.combinations(everyone, size)
         ]
@@ -179,7 +183,7 @@ def select_threshold(
             rates = [0.0] * n_exits + [sub_rates[-1]]
             for k, r in zip(subset, sub_rates, strict=False):
                 rates[k] = r
-            keep = {k for k, r in enumerate(rates[:-1]) if r > 0}
+            keep = {k for k, r in enumerate(rates[:-1]) if r > 0} if removable else set(everyone)
             costs = net.exit_costs(report, keep=keep)
             cost = sum(r * c for r, c in zip(rates, costs, strict=True))
             if ok and cost < best["cost"] - 1e-9:
@@ -199,7 +203,7 @@ def retune(module: CompressibleModule, dm: Any, drop: bool = False) -> dict[str,
     changed the net). With ``drop``, the heads outside the selection's ``keep`` are removed
     (those no validation sample leaves at, and with the rule's ``select_heads`` those whose
     removal makes the net cheaper within ``max_loss``); without it the heads stay and only the
-    threshold is chosen, all of them in place. Returns the selection, or None for a fixed
+    threshold is chosen, each head paid for (it runs whether a sample leaves there or not). Returns the selection, or None for a fixed
     threshold or no exits."""
     from chaincomp.cost import count_cost
 
@@ -213,7 +217,8 @@ def retune(module: CompressibleModule, dm: Any, drop: bool = False) -> dict[str,
         dm.loader("val", device),
         report,
         float(net.selection["max_loss"]),
-        select_heads=drop and bool(net.selection.get("select_heads", False)),
+        select_heads=bool(net.selection.get("select_heads", False)),
+        removable=drop,
     )
     net.threshold.fill_(chosen["threshold"])
     chosen["dropped_points"] = net.drop_exits(set(chosen["keep"])) if drop else []
