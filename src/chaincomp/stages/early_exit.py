@@ -203,8 +203,8 @@ def retune(module: CompressibleModule, dm: Any, drop: bool = False) -> dict[str,
     changed the net). With ``drop``, the heads outside the selection's ``keep`` are removed
     (those no validation sample leaves at, and with the rule's ``select_heads`` those whose
     removal makes the net cheaper within ``max_loss``); without it the heads stay and only the
-    threshold is chosen, each head paid for (it runs whether a sample leaves there or not). Returns the selection, or None for a fixed
-    threshold or no exits."""
+    threshold is chosen, each head paid for (it runs whether a sample leaves there or not).
+    Returns the selection, or None for a fixed threshold or no exits."""
     from chaincomp.cost import count_cost
 
     net = module.net
