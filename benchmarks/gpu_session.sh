@@ -133,8 +133,9 @@ fi
 # lone chain leaves the card idle while the host launches kernels (the small pruned and
 # quantized nets are host-bound), so a few at once should finish sooner than in a row (not
 # yet measured on a card). Their per-step seconds then measure a shared card, not a step's
-# cost; the chain's (phase 1) do. Variants that need the same step not yet cached each train
-# it (the cache has no lock): run the chain (phase 1) first, as the planned calls do.
+# cost; the chain's (phase 1) do. Variants that need the same step not yet cached train it
+# once: one takes the step's compute lock in the prefix cache, the others wait for it and take
+# it from the cache (tests/test_gpu_session.py); the chain (phase 1) caches the baseline first.
 # Each then gets its share of the host's cores (OMP_NUM_THREADS, unless set): N processes with a
 # thread per core each oversubscribe the host (on 2 cores, 2 at once ran 20-40x slower).
 IFS=';' read -r -a variants <<<"${VARIANTS:-}"
