@@ -4,7 +4,8 @@
 exit point. Its ``forward``:
 
 - training mode: runs every head (``forward_all``), keeps the exit outputs for
-  ``auxiliary_loss`` (each exit head's task loss, weighted by ``exit_weight``) and returns the
+  ``auxiliary_loss`` (each exit head's task loss, weighted by ``exit_weight``; with ``distill``
+  set, mixed with distillation from the final output of the same forward) and returns the
   final output;
 - eval mode: **dynamic inference**: at each exit the samples whose confidence (``task.confidence``
   in (0, 1]: max softmax probability, or 1 / (1 + predicted std in degrees) for rotation) is
@@ -75,6 +76,10 @@ class ExitNet(nn.Module):
             "exit_counts", torch.zeros(len(heads) + 1, dtype=torch.long), persistent=False
         )
         self._aux: list[Tensor] = []
+        self._final: Tensor | None = None
+        # (alpha, temperature) while a step trains the heads by distillation (E's kd_alpha):
+        # not part of the net's state, and None outside that step
+        self.distill: tuple[float, float] | None = None
         self.selection: dict[str, Any] = {"mode": "fixed"}
 
     @property
@@ -101,6 +106,7 @@ class ExitNet(nn.Module):
         if self.training:
             outs = self.forward_all(x)
             self._aux = outs[:-1]
+            self._final = outs[-1].detach() if self.distill is not None else None
             return outs[-1]
         return self._dynamic(x)
 
@@ -133,10 +139,23 @@ class ExitNet(nn.Module):
         return result
 
     def auxiliary_loss(self, task: Task, target: Tensor) -> Tensor | None:
-        """Sum of the exit heads' task losses from the last training forward, x exit_weight."""
+        """Sum of the exit heads' losses from the last training forward, x ``exit_weight``.
+        A head's loss is its task loss; with ``distill = (alpha, T)``, ``(1 - alpha) * task
+        loss + alpha * task.distill_loss(head, final, T)``, the final head's output of the same
+        forward (detached) as the teacher (self-distillation of a multi-exit net: Phuong &
+        Lampert, ICCV 2019)."""
         if not self._aux:
             return None
-        loss = sum(task.loss(out, target) for out in self._aux)
+        final, self._final = self._final, None
+        if self.distill is not None and final is not None:
+            alpha, temperature = self.distill
+            loss = sum(
+                (1 - alpha) * task.loss(out, target)
+                + alpha * task.distill_loss(out, final, temperature)
+                for out in self._aux
+            )
+        else:
+            loss = sum(task.loss(out, target) for out in self._aux)
         self._aux = []
         return self.exit_weight * loss  # type: ignore[return-value]
 

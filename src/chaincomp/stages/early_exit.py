@@ -60,7 +60,10 @@ class EarlyExitSettings(StageSettings):
     validation metric is within ``max_loss`` of the full net's) | fixed (``threshold``);
     ``select_heads``: with ``validation``, choose the heads to keep together with the threshold
     (every subset of them; false: all of them, less those no sample leaves at);
-    ``exit_weight``: weight of the exit losses."""
+    ``exit_weight``: weight of the exit losses; ``kd_alpha`` in [0, 1): during this step's fit
+    each exit head's loss is ``(1 - kd_alpha) * task loss + kd_alpha * distillation`` from the
+    net's final output in the same forward (at ``kd_temperature`` > 0; 0 = the task loss
+    alone; later steps that train the heads use the task loss)."""
 
     epochs: int = 1
     lr: float | None = 0.02
@@ -73,6 +76,8 @@ class EarlyExitSettings(StageSettings):
     max_loss: float = 0.5
     select_heads: bool = False
     exit_weight: float = 1.0
+    kd_alpha: float = 0.0
+    kd_temperature: float = 4.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +102,8 @@ class EarlyExitSettings(StageSettings):
             isinstance(self.select_heads, bool), "select_heads", self.select_heads, (True, False)
         )
         self.check(self.exit_weight > 0, "exit_weight", self.exit_weight, "> 0")
+        self.check(0 <= self.kd_alpha < 1, "kd_alpha", self.kd_alpha, "[0, 1)")
+        self.check(self.kd_temperature > 0, "kd_temperature", self.kd_temperature, "> 0")
 
 
 @torch.no_grad()
@@ -270,6 +277,7 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
             else {"mode": "fixed"}
         )
         net.threshold.fill_(s.threshold if s.threshold_mode == "fixed" else 2.0)
+        net.distill = (s.kd_alpha, s.kd_temperature) if s.kd_alpha > 0 else None
         ctx.extended(module, _head_names(net))
         # frozen backbone: finalize gives back requires_grad to exactly these parameters
         self._frozen = [p for p in net.backbone.parameters() if p.requires_grad]
@@ -294,6 +302,7 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
     ) -> None:
         net = module.net
         assert isinstance(net, ExitNet)
+        net.distill = None  # this step's training only
         for p in getattr(self, "_frozen", []):
             p.requires_grad_(True)
         self._frozen = []
