@@ -38,14 +38,16 @@
 # torch-pruning, optuna and colorlog (the sweep's; optuna needs no SQLAlchemy for its journal) in
 # .whl/ and the CIFAR-10 archive in .gpu/ (CHAINCOMP_DATA_DIR), and carry both: `make gpu-carry`
 # makes the two folders (the wheels at the versions of .venv; both are in .gitignore).
+# WHEELS (default .whl): the wheels' folder; RUNS (default /tmp): where the run folders go.
 # CHAIN_ARGS / BENCH_ARGS: extra overrides (the CPU proof of this script makes everything tiny);
 # CHAIN_LIMIT / BENCH_LIMIT: seconds allowed per phase; TRITON= (empty) drops --triton (CPU proof).
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-if ls .whl/*.whl >/dev/null 2>&1; then
+WHEELS=${WHEELS:-.whl}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
+    --target /tmp/site "$WHEELS"/*.whl || exit 1
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -114,7 +116,8 @@ elif [ -n "${BENCH_FIRST:-}" ]; then
 fi
 echo "chain quantizer: $chain_kernel" | tee -a "$OUT/env.txt"
 
-run_dir=/tmp/headline_run
+RUNS=${RUNS:-/tmp}  # where the run folders go (headline_run, variant_run_<i>)
+run_dir=$RUNS/headline_run
 if [ "${CHAIN:-1}" != 0 ]; then
   rm -rf "$run_dir"
   start=$(date +%s)
@@ -126,7 +129,7 @@ if [ "${CHAIN:-1}" != 0 ]; then
   echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
   set +f
   cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
-  tar czf "$OUT/headline_run.tgz" -C /tmp headline_run 2>/dev/null
+  tar czf "$OUT/headline_run.tgz" -C "$RUNS" headline_run 2>/dev/null
 fi
 
 # VARIANT_JOBS=N runs up to N variants at once on the card (default 1: one after another). A
@@ -147,7 +150,7 @@ if [ "$jobs_max" -gt 1 ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
 fi
 # run_variant I OVERRIDES: one variant in its own run folder, its log, its summary
 run_variant() {
-  local i=$1 variant=$2 dir=/tmp/variant_run_$1 start
+  local i=$1 variant=$2 dir=$RUNS/variant_run_$1 start
   set -f  # overrides split on spaces, never globbed (x.points=[1,2] would match a file)
   rm -rf "$dir"
   start=$(date +%s)

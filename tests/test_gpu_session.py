@@ -35,8 +35,12 @@ def _session(tmp_path: Path, **env: str) -> subprocess.CompletedProcess[str]:
         **os.environ,
         "PY": sys.executable,
         "OUT": str(tmp_path / "out"),
+        "RUNS": str(tmp_path / "runs"),  # not /tmp's shared run folders
+        "WHEELS": str(tmp_path / "no-wheels"),  # this .venv's packages, not a carried .whl/
         "CHAINCOMP_CACHE_DIR": str(tmp_path / "cache"),
         "BENCH": "0",
+        "CHAIN_LIMIT": "600",
+        "VARIANT_LIMIT": "600",
         "CHAIN_ARGS": TINY,
         **env,
     }
@@ -69,6 +73,7 @@ def test_chain_then_concurrent_variants_share_a_new_step(tmp_path: Path) -> None
         assert steps["P"]["cached"] is False  # P differs between the two (1 and 2 epochs)
     assert computed.count(True) == 1, computed
     assert (out / "headline_run.tgz").stat().st_size > 0
+    assert (tmp_path / "runs" / "headline_run" / "summary.json").is_file()
 
 
 def test_bad_variant_jobs_is_one_clear_error(tmp_path: Path) -> None:

@@ -460,13 +460,37 @@ def test_exit_distillation_sends_no_gradient_into_the_final_head(
     net.distill = (0.9, 4.0)
     net.train()
     x, target = next(iter(dm.loader("train")))
+    net.distill = None
+    net(x)
+    plain = net.auxiliary_loss(module.task, target)
+    net.distill = (0.9, 4.0)
     net(x)
     loss = net.auxiliary_loss(module.task, target)
-    assert loss is not None
+    assert loss is not None and plain is not None
+    assert float(loss) != pytest.approx(float(plain), rel=1e-3)  # the distillation is in it
     loss.backward()
     assert all(p.grad is None for p in net.backbone.head.parameters())
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.exits.parameters())
     assert any(p.grad is not None for p in net.backbone.stages[0].parameters())
+
+
+def test_a_failed_exit_fit_leaves_no_distillation_and_no_frozen_backbone(
+    digits_base, digits_module
+) -> None:  # type: ignore[no-untyped-def]
+    """E's fit raises (a loss term fails): ``finalize`` does not run, and the net keeps neither
+    the step's distillation nor its frozen backbone."""
+    cfg, dm, _ = digits_base
+    module = digits_module
+
+    def boom(*args):  # type: ignore[no-untyped-def]
+        raise RuntimeError("boom")
+
+    module.loss_terms["boom"] = boom
+    stage = EarlyExit.from_config({"epochs": 1, "points": [0], "kd_alpha": 0.5})
+    with pytest.raises(RuntimeError, match="boom"):
+        stage.run(module, make_ctx(cfg, dm, max_batches=2))
+    assert module.net.distill is None
+    assert all(p.requires_grad for p in module.net.backbone.parameters())
 
 
 @pytest.mark.parametrize(

@@ -292,6 +292,16 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
             selection=net.selection,
         )
 
+    def on_exception(self, trainer, pl_module, exception):  # type: ignore[no-untyped-def]
+        """A fit that raised: ``finalize`` will not run, so what this step set on the net
+        ends here (the distillation, the frozen backbone)."""
+        net = pl_module.net
+        if isinstance(net, ExitNet):
+            net.distill = None
+        for p in getattr(self, "_frozen", []):
+            p.requires_grad_(True)
+        self._frozen = []
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # type: ignore[no-untyped-def]
         net = pl_module.net
         if isinstance(net, ExitNet) and self.settings.train == "frozen":
