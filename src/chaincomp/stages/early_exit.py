@@ -126,14 +126,22 @@ def collect(module: CompressibleModule, batches: Any) -> tuple[list[Tensor], Ten
 
 
 def simulate(
-    task: Task, outs: list[Tensor], target: Tensor, threshold: float
+    task: Task,
+    outs: list[Tensor],
+    target: Tensor,
+    threshold: float,
+    confidences: list[Tensor] | None = None,
 ) -> tuple[float, list[float], Tensor]:
     """Metric, exit rates and exit index per sample of dynamic inference at ``threshold``,
-    computed from static outputs (what :meth:`ExitNet._dynamic` does, without the savings)."""
+    computed from static outputs (what :meth:`ExitNet._dynamic` does, without the savings).
+    ``confidences``: each exit head's ``task.confidence`` of its outputs, when the caller has
+    them already (a threshold search calls this once per candidate)."""
     n, k_final = len(target), len(outs) - 1
+    if confidences is None:
+        confidences = [task.confidence(o) for o in outs[:-1]]
     where = torch.full((n,), k_final, dtype=torch.long)
     for k in range(k_final - 1, -1, -1):
-        where[task.confidence(outs[k]) >= threshold] = k
+        where[confidences[k] >= threshold] = k
     chosen = torch.stack(outs)[where, torch.arange(n)]
     metric = task.make_metric()
     task.update_metric(metric, chosen, target)
@@ -164,7 +172,8 @@ def select_threshold(
     net = module.net
     assert isinstance(net, ExitNet)
     outs, target = collect(module, batches)
-    full, _, _ = simulate(task, outs, target, 2.0)
+    confs = [task.confidence(o) for o in outs[:-1]]  # once: every candidate reads them
+    full, _, _ = simulate(task, outs, target, 2.0, confs)
     n_exits = len(outs) - 1
     everyone = tuple(range(n_exits))
     best: dict[str, Any] = {
@@ -182,10 +191,10 @@ def select_threshold(
     qs = torch.linspace(0, 1, 201)
     for subset in subsets:
         used = [outs[k] for k in subset] + [outs[-1]]
-        conf = torch.cat([task.confidence(o) for o in used[:-1]])
-        candidates = sorted({2.0, *torch.quantile(conf, qs).tolist()})
+        used_confs = [confs[k] for k in subset]
+        candidates = sorted({2.0, *torch.quantile(torch.cat(used_confs), qs).tolist()})
         for t in candidates:
-            metric, sub_rates, _ = simulate(task, used, target, t)
+            metric, sub_rates, _ = simulate(task, used, target, t, used_confs)
             ok = metric >= full - max_loss if task.higher_is_better else metric <= full + max_loss
             rates = [0.0] * n_exits + [sub_rates[-1]]
             for k, r in zip(subset, sub_rates, strict=False):
@@ -295,7 +304,11 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
     def on_exception(self, trainer, pl_module, exception):  # type: ignore[no-untyped-def]
         """A fit that raised: ``finalize`` will not run, so what this step set on the net
         ends here (the distillation, the frozen backbone)."""
-        net = pl_module.net
+        self._end_training(pl_module.net)
+
+    def _end_training(self, net: nn.Module) -> None:
+        """Take back what :meth:`apply` set for this step's fits: the heads' distillation and
+        the frozen backbone (exactly the parameters it froze)."""
         if isinstance(net, ExitNet):
             net.distill = None
         for p in getattr(self, "_frozen", []):
@@ -312,10 +325,7 @@ class EarlyExit(Stage[EarlyExitSettings, EarlyExitRecord]):
     ) -> None:
         net = module.net
         assert isinstance(net, ExitNet)
-        net.distill = None  # this step's training only
-        for p in getattr(self, "_frozen", []):
-            p.requires_grad_(True)
-        self._frozen = []
+        self._end_training(net)
         chosen = retune(module, ctx.dm, drop=True)
         record.threshold = float(net.threshold)
         if chosen is not None:
