@@ -81,6 +81,10 @@ gpu-carry: setup
 		antlr4-python3-runtime==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('antlr4-python3-runtime'))")
 	cp "$${CHAINCOMP_DATA_DIR:?set CHAINCOMP_DATA_DIR to the folder holding cifar10-jpeg75.tar.gz}/cifar10-jpeg75.tar.gz" .gpu/
 	@du -sh .whl .gpu
+	@# a lease takes 64 MiB: the tracked and unignored files, plus what is carried
+	@{ git ls-files -z --cached --others --exclude-standard; find .whl .gpu -type f -print0; } | \
+		du -cb --files0-from=- 2>/dev/null | tail -1 | \
+		awk '{ printf "a lease carrying .whl and .gpu takes %.1f MiB of its 64\n", $$1 / 1048576 }'
 
 # the order studies write into the stores that are committed beside their results
 ORDERS_STORE = sqlite:///experiments/all_orders/results

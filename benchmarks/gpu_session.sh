@@ -21,9 +21,12 @@
 # BENCH_FIRST="model batch [flags];...": benchmark these before the chain, and QUANT_KERNEL=auto
 # then runs the chain's QAT on the Triton kernels if that benchmark found them equal and faster.
 # Everything lands in $OUT (default /tmp/gpu_out): env.txt, headline.log, summary.json,
-# headline_run.tgz, variant-<i>.log / .json, bench.log; with ORDERS=1 orders.log,
+# headline_run.tgz, variants.tgz (variant-<i>.log / .json), bench.log; with ORDERS=1 orders.log,
 # orders-summary.json, orders.journal, orders-chains.tgz and orders-report.tgz (the tables,
-# experiments/<study>/results/cifar10/). Each
+# experiments/<study>/results/cifar10/). A lease returns at most 8 files: on exit,
+# benchmarks/pack_out.sh packs the variants' files, and the logs too (logs.tgz) if still more
+# than 8, and warns of what would not return. Each chain's result is also one line of output
+# ("headline: ...", "variant <i>: ..."). Each
 # phase has its own time limit, so a slow phase cannot take the next one's results with it.
 #
 #   VARIANTS='chain.steps.P.settings.kd_alpha=0 chain.steps.Q.settings.kd_alpha=0;chain.steps.P.settings.ratio=0.2'
@@ -44,6 +47,9 @@
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
+# on exit, fit $OUT to what a lease returns (8 files at most: variants.tgz, logs.tgz; see there)
+HERE=$(cd "$(dirname "$0")" && pwd)
+trap 'bash "$HERE/pack_out.sh" "$OUT"' EXIT
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -116,6 +122,16 @@ elif [ -n "${BENCH_FIRST:-}" ]; then
 fi
 echo "chain quantizer: $chain_kernel" | tee -a "$OUT/env.txt"
 
+# result_line LABEL SUMMARY: a chain's baseline and final metric (val / test) and its BitOps
+# reduction on one line, so the call's answer holds the result even if a file does not return
+result_line() {
+  [ -f "$2" ] || return 0
+  $PY -c "import json, sys; s = json.load(open(sys.argv[2])); b = s['baseline']
+print('%s: %s baseline %.2f / %.2f, final %.2f / %.2f (val / test), %.1fx fewer BitOps' % (
+    sys.argv[1], s['letters'] or 'baseline only', b['val_metric'], b['test_metric'],
+    s['val_metric'], s['test_metric'], s['bitops_ratio']))" "$1" "$2"
+}
+
 RUNS=${RUNS:-/tmp}  # where the run folders go (headline_run, variant_run_<i>)
 run_dir=$RUNS/headline_run
 if [ "${CHAIN:-1}" != 0 ]; then
@@ -129,6 +145,7 @@ if [ "${CHAIN:-1}" != 0 ]; then
   echo "headline: rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/headline.log"
   set +f
   cp "$run_dir/summary.json" "$OUT/" 2>/dev/null
+  result_line headline "$OUT/summary.json" | tee -a "$OUT/headline.log"
   tar czf "$OUT/headline_run.tgz" -C "$RUNS" headline_run 2>/dev/null
 fi
 
@@ -160,6 +177,7 @@ run_variant() {
     hydra.run.dir="$dir" ${CHAIN_ARGS:-} $variant >"$OUT/variant-$i.log" 2>&1
   echo "variant $i ($variant): rc=$? $(( $(date +%s) - start )) s" | tee -a "$OUT/variant-$i.log"
   cp "$dir/summary.json" "$OUT/variant-$i.json" 2>/dev/null
+  result_line "variant $i" "$OUT/variant-$i.json" | tee -a "$OUT/variant-$i.log"
 }
 i=0
 for variant in "${variants[@]}"; do

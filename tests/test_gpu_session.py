@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -60,11 +61,26 @@ def test_chain_then_concurrent_variants_share_a_new_step(tmp_path: Path) -> None
     assert "headline: rc=0" in (out / "headline.log").read_text()
     chain = json.loads((out / "summary.json").read_text())
     assert chain["letters"] == "DPQE"
+    # what a lease returns: the variants' files packed (benchmarks/pack_out.sh), 5 files
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["env.txt", "headline.log", "summary.json", "headline_run.tgz", "variants.tgz"]
+    )
+    with tarfile.open(out / "variants.tgz") as tar:
+        tar.extractall(tmp_path / "variants", filter="data")
+    # each chain's result is also a line of the call's output
+    b = chain["baseline"]
+    assert (
+        f"headline: DPQE baseline {b['val_metric']:.2f} / {b['test_metric']:.2f}, final "
+        f"{chain['val_metric']:.2f} / {chain['test_metric']:.2f} (val / test), "
+        f"{chain['bitops_ratio']:.1f}x fewer BitOps"
+    ) in proc.stdout
     computed = []
     for i, overrides in enumerate(variants.split(";"), start=1):
-        log = (out / f"variant-{i}.log").read_text()
+        log = (tmp_path / "variants" / f"variant-{i}.log").read_text()
         assert f"variant {i} ({overrides}): rc=0" in log
-        summary = json.loads((out / f"variant-{i}.json").read_text())
+        summary = json.loads((tmp_path / "variants" / f"variant-{i}.json").read_text())
+        assert f"variant {i}: DPQE baseline " in log
+        assert f"{summary['bitops_ratio']:.1f}x fewer BitOps" in log
         steps = {s["name"]: s for s in summary["stages"]}
         assert list(steps) == ["D", "P", "Q", "E"]
         # the phase-1 chain's D (1 epoch) is not this D (3 epochs): only the baseline is shared

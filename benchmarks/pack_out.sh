@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# pack_out.sh OUT: fit a GPU lease's output folder to what the lease returns
+# (/work/.library/device/README.md, "Limits"): at most 8 files, each at most 16 MiB, named in
+# letters, digits, '.', '_' and '-', none deeper than OUT/a/b/file. Whatever is over is left
+# out by the lease, silently but for a line in its answer, so benchmarks/gpu_session.sh runs
+# this on exit. A chain, four variants and the benchmark would otherwise leave 13 files.
+#
+#   1. bench-<model>.log go: bench.log holds each of them (the script appends them there).
+#   2. variant-<i>.log / .json go into variants.tgz (tar xzf variants.tgz to read them).
+#   3. Still more than 8 files: every file but the archives (*.tgz), the journal (*.journal,
+#      carried as it is by ORDERS_FROM) and env.txt goes into logs.tgz.
+#   4. What the lease would still leave out (a file over 16 MiB, a name with other characters,
+#      more than 8 files) is printed as a WARNING line, on stderr.
+# Prints one line naming the files that stay. Exit status 0, also when it warns.
+set -u
+OUT=${1:?usage: pack_out.sh OUT}
+[ -d "$OUT" ] || exit 0
+cd "$OUT" || exit 0
+shopt -s nullglob
+
+[ -f bench.log ] && rm -f bench-*.log
+
+variant_files=(variant-*)
+if [ ${#variant_files[@]} -gt 0 ]; then
+  tar czf variants.tgz.part "${variant_files[@]}" && mv variants.tgz.part variants.tgz &&
+    rm -f "${variant_files[@]}"
+fi
+
+mapfile -t files < <(find . -maxdepth 1 -type f -printf '%P\n' | sort)
+if [ ${#files[@]} -gt 8 ]; then
+  loose=()
+  for f in "${files[@]}"; do
+    case $f in *.tgz | *.journal | env.txt) ;; *) loose+=("$f") ;; esac
+  done
+  if [ ${#loose[@]} -gt 0 ]; then
+    tar czf logs.tgz.part "${loose[@]}" && mv logs.tgz.part logs.tgz && rm -f "${loose[@]}"
+  fi
+fi
+
+mapfile -t files < <(find . -type f -printf '%P\n' | sort)
+for f in "${files[@]}"; do
+  if [ "$(stat -c %s "$f")" -gt $((16 * 1024 * 1024)) ]; then
+    echo "pack_out: WARNING: $f is over 16 MiB: the lease will not return it" >&2
+  fi
+  if [[ ! $f =~ ^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+){0,2}$ ]]; then
+    echo "pack_out: WARNING: $f: the lease returns names of letters, digits, . _ - only," \
+      "at most two folders down" >&2
+  fi
+done
+if [ ${#files[@]} -gt 8 ]; then
+  echo "pack_out: WARNING: ${#files[@]} files: the lease returns 8" >&2
+fi
+echo "pack_out: $OUT holds ${#files[@]} files: ${files[*]}"
