@@ -48,7 +48,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 # on exit, fit $OUT to what a lease returns (8 files at most: variants.tgz, logs.tgz; see there)
-HERE=$(cd "$(dirname "$0")" && pwd)
+HERE=$(cd "$(dirname "$0")" >/dev/null && pwd)
 trap 'bash "$HERE/pack_out.sh" "$OUT"' EXIT
 WHEELS=${WHEELS:-.whl}
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
@@ -186,6 +186,8 @@ for variant in "${variants[@]}"; do
   run_variant "$i" "$variant" &
 done
 wait
+# packed now too, so that a later phase cut off (a SIGKILL skips the exit trap) loses none of them
+[ ${#variants[@]} -gt 0 ] && bash "$HERE/pack_out.sh" "$OUT" >/dev/null
 
 if [ "${ORDERS:-0}" != 0 ]; then
   # 4. the order study (experiment=orders_cifar10, tracking off: no MLflow on that machine). Its

@@ -3,14 +3,16 @@
 # (/work/.library/device/README.md, "Limits"): at most 8 files, each at most 16 MiB, named in
 # letters, digits, '.', '_' and '-', none deeper than OUT/a/b/file. Whatever is over is left
 # out by the lease, silently but for a line in its answer, so benchmarks/gpu_session.sh runs
-# this on exit. A chain, four variants and the benchmark would otherwise leave 13 files.
+# this after the variants and on exit (again: it changes nothing already packed). A chain and
+# four variants would otherwise leave 12 files, 15 with the benchmark.
 #
-#   1. bench-<model>.log go: bench.log holds each of them (the script appends them there).
+#   1. bench-<model>.log go: bench.log holds each of them (the script appends them there when
+#      the model's run ends; one cut off before that is appended here first).
 #   2. variant-<i>.log / .json go into variants.tgz (tar xzf variants.tgz to read them).
 #   3. Still more than 8 files: every file but the archives (*.tgz), the journal (*.journal,
 #      carried as it is by ORDERS_FROM) and env.txt goes into logs.tgz.
 #   4. What the lease would still leave out (a file over 16 MiB, a name with other characters,
-#      more than 8 files) is printed as a WARNING line, on stderr.
+#      more than 8 files, more than 64 MiB together) is printed as a WARNING line, on stderr.
 # Prints one line naming the files that stay. Exit status 0, also when it warns.
 set -u
 OUT=${1:?usage: pack_out.sh OUT}
@@ -18,12 +20,35 @@ OUT=${1:?usage: pack_out.sh OUT}
 cd "$OUT" || exit 0
 shopt -s nullglob
 
-[ -f bench.log ] && rm -f bench-*.log
+for f in bench-*.log; do
+  model=${f#bench-}
+  model=${model%.log}
+  # appended by the script when the model's run ended ("bench <model>: rc=..." is its last line)
+  grep -q "^bench $model: rc=" bench.log 2>/dev/null || cat "$f" >>bench.log
+  rm -f "$f"
+done
+
+# pack NAME FILE...: FILE... into NAME (whole, by a rename), then remove them; on failure keep
+# them and leave no partial archive
+pack() {
+  local name=$1
+  shift
+  if tar czf "$name.part" "$@" && mv "$name.part" "$name"; then
+    rm -f "$@"
+  else
+    rm -f "$name.part"
+  fi
+}
 
 variant_files=(variant-*)
 if [ ${#variant_files[@]} -gt 0 ]; then
-  tar czf variants.tgz.part "${variant_files[@]}" && mv variants.tgz.part variants.tgz &&
-    rm -f "${variant_files[@]}"
+  if [ -f variants.tgz ]; then  # a second pass: keep what the first packed
+    mkdir -p .variants && tar xzf variants.tgz -C .variants && cp "${variant_files[@]}" .variants/ &&
+      (cd .variants && pack ../variants.tgz variant-*) && rm -f "${variant_files[@]}"
+    rm -rf .variants
+  else
+    pack variants.tgz "${variant_files[@]}"
+  fi
 fi
 
 mapfile -t files < <(find . -maxdepth 1 -type f -printf '%P\n' | sort)
@@ -32,9 +57,7 @@ if [ ${#files[@]} -gt 8 ]; then
   for f in "${files[@]}"; do
     case $f in *.tgz | *.journal | env.txt) ;; *) loose+=("$f") ;; esac
   done
-  if [ ${#loose[@]} -gt 0 ]; then
-    tar czf logs.tgz.part "${loose[@]}" && mv logs.tgz.part logs.tgz && rm -f "${loose[@]}"
-  fi
+  [ ${#loose[@]} -gt 0 ] && pack logs.tgz "${loose[@]}"
 fi
 
 mapfile -t files < <(find . -type f -printf '%P\n' | sort)
@@ -49,5 +72,9 @@ for f in "${files[@]}"; do
 done
 if [ ${#files[@]} -gt 8 ]; then
   echo "pack_out: WARNING: ${#files[@]} files: the lease returns 8" >&2
+fi
+total=$(du -cb "${files[@]}" 2>/dev/null | tail -1 | cut -f1)
+if [ "${total:-0}" -gt $((64 * 1024 * 1024)) ]; then
+  echo "pack_out: WARNING: $total bytes together: the lease returns 64 MiB" >&2
 fi
 echo "pack_out: $OUT holds ${#files[@]} files: ${files[*]}"

@@ -61,7 +61,7 @@ def test_the_chain_and_four_variants_come_back_whole(tmp_path: Path) -> None:
 def test_every_phase_at_once_keeps_the_carried_files_by_name(tmp_path: Path) -> None:
     out = tmp_path / "out"
     extra = ["profile.log", "decode.log"]
-    _fill(out, CHAIN + VARIANTS + ORDERS + BENCH + extra)  # 24 files
+    _fill(out, CHAIN + VARIANTS + ORDERS + BENCH + extra)  # 22 files
     proc = _pack(out)
     left = sorted(p.name for p in out.iterdir())
     assert len(left) <= 8, left
@@ -92,3 +92,44 @@ def test_what_would_not_return_is_named(tmp_path: Path) -> None:
     assert "big.tgz is over 16 MiB" in proc.stderr
     assert "a b.log: the lease returns names of letters, digits" in proc.stderr
     assert (out / "big.tgz").is_file()  # left in place, not packed or dropped
+
+
+def test_a_benchmark_cut_off_keeps_its_log(tmp_path: Path) -> None:
+    """bench-<model>.log is appended to bench.log when the model's run ends; one cut off before
+    that (the call stopped mid-benchmark) is appended on packing, not dropped."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "bench.log").write_text("resnet18 figures\nbench resnet18: rc=0 80 s\n")
+    (out / "bench-resnet18.log").write_text("resnet18 figures\nbench resnet18: rc=0 80 s\n")
+    (out / "bench-resnet34.log").write_text("resnet34 half a run\n")
+    _pack(out)
+    assert sorted(p.name for p in out.iterdir()) == ["bench.log"]
+    assert (out / "bench.log").read_text() == (
+        "resnet18 figures\nbench resnet18: rc=0 80 s\nresnet34 half a run\n"
+    )
+
+
+def test_a_second_pass_keeps_what_the_first_packed(tmp_path: Path) -> None:
+    """gpu_session.sh packs after the variants and again on exit: a variant file written in
+    between (a line appended to a log) joins the archive, nothing of the first pass is lost."""
+    out = tmp_path / "out"
+    _fill(out, CHAIN + VARIANTS)
+    _pack(out)
+    (out / "variant-4.log").write_text("variant 4: rc=124 330 s\n")
+    _pack(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*CHAIN, "variants.tgz"])
+    members = _members(out / "variants.tgz")
+    assert set(members) == set(VARIANTS)
+    assert members["variant-4.log"] == "variant 4: rc=124 330 s\n"
+    assert members["variant-1.json"] == "content of variant-1.json\n"
+
+
+def test_more_than_64_mib_together_is_named(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for i in range(5):  # 5 x 14 MiB: each file fits, together they do not
+        with open(out / f"part{i}.tgz", "wb") as f:
+            f.truncate(14 * 1024 * 1024)
+    proc = _pack(out)
+    assert "bytes together: the lease returns 64 MiB" in proc.stderr
+    assert "over 16 MiB" not in proc.stderr
