@@ -28,28 +28,24 @@ for f in bench-*.log; do
   rm -f "$f"
 done
 
-# pack NAME FILE...: FILE... into NAME (whole, by a rename), then remove them; on failure keep
-# them and leave no partial archive
+# pack NAME FILE...: FILE... into the archive NAME, added to what NAME already holds (this runs
+# twice: after the variants and on exit), written whole by a rename; then FILE... are removed.
+# On failure nothing is removed, no partial archive is left, and the status is 1.
 pack() {
-  local name=$1
+  local name=$1 tmp status=1
   shift
-  if tar czf "$name.part" "$@" && mv "$name.part" "$name"; then
-    rm -f "$@"
-  else
-    rm -f "$name.part"
+  tmp=$(mktemp -d .pack.XXXXXX) || return 1
+  if { [ ! -f "$name" ] || tar xzf "$name" -C "$tmp"; } && cp -- "$@" "$tmp"/ &&
+    (cd "$tmp" && tar czf "../$name.part" -- *) && mv "$name.part" "$name"; then
+    rm -f -- "$@"
+    status=0
   fi
+  rm -rf "$tmp" "$name.part"
+  return $status
 }
 
 variant_files=(variant-*)
-if [ ${#variant_files[@]} -gt 0 ]; then
-  if [ -f variants.tgz ]; then  # a second pass: keep what the first packed
-    mkdir -p .variants && tar xzf variants.tgz -C .variants && cp "${variant_files[@]}" .variants/ &&
-      (cd .variants && pack ../variants.tgz variant-*) && rm -f "${variant_files[@]}"
-    rm -rf .variants
-  else
-    pack variants.tgz "${variant_files[@]}"
-  fi
-fi
+[ ${#variant_files[@]} -gt 0 ] && pack variants.tgz "${variant_files[@]}"
 
 mapfile -t files < <(find . -maxdepth 1 -type f -printf '%P\n' | sort)
 if [ ${#files[@]} -gt 8 ]; then
